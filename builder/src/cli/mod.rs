@@ -1,0 +1,130 @@
+//! The command line: clap derive, one module per subcommand.
+//!
+//! Every flag carries a doc line (`help_expected`). Output for humans goes to stdout as text, or as
+//! JSON with `--output json`; progress and logs go to stderr.
+
+mod build;
+mod inspect;
+mod seed;
+mod test;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Write;
+
+/// Output format for command results.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Default)]
+pub enum OutputFormat {
+    /// Human-readable text.
+    #[default]
+    Text,
+    /// One JSON document on stdout.
+    Json,
+}
+
+/// Flags every subcommand takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Global {
+    /// Result format on stdout.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// More log detail on stderr (-v debug, -vv trace).
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// No progress output, only results and errors.
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
+}
+
+impl Global {
+    /// The progress reporter these flags ask for.
+    pub fn progress(&self) -> crate::progress::Progress {
+        crate::progress::Progress::new(self.quiet)
+    }
+
+    /// Prints a result: JSON as one document, text through `text`.
+    pub fn emit<T: serde::Serialize>(
+        &self,
+        value: &T,
+        text: impl FnOnce(&T) -> String,
+    ) -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        match self.output {
+            OutputFormat::Json => {
+                serde_json::to_writer_pretty(&mut out, value)?;
+                writeln!(out)?;
+            }
+            OutputFormat::Text => {
+                write!(out, "{}", text(value))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// imagectl: golden GitLab-runner images and immutable runner fleets on Proxmox VE.
+#[derive(Parser, Debug)]
+#[command(name = "imagectl", version, about, long_about = None, help_expected = true)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Bake a golden qcow2 image from an image spec.
+    Build(build::Args),
+    /// Show what is in a baked image or its manifest, and check its hygiene.
+    Inspect(inspect::Args),
+    /// Boot an image in QEMU and check that its services come up.
+    Test(test::Args),
+    /// Write a NoCloud seed ISO for a VM (for humans; deploy makes its own).
+    Seed(seed::Args),
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_tracing(cli.global.verbose);
+    let result = match cli.command {
+        Command::Build(a) => build::run(&cli.global, a),
+        Command::Inspect(a) => inspect::run(&cli.global, a),
+        Command::Test(a) => test::run(&cli.global, a),
+        Command::Seed(a) => seed::run(&cli.global, a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            crate::error::exit_code(&err)
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info,imagectl=debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IMAGECTL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,1 @@
+//! `imagectl test`: boot an image in QEMU and check its services.

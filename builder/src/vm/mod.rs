@@ -1,0 +1,1 @@
+//! Local virtual machines: QEMU processes and the guest agent protocol.

@@ -1,0 +1,1 @@
+//! imagectl integration tests: one binary, one module per area.

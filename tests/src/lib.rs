@@ -1,0 +1,1 @@
+//! Shared support for imagectl's integration tests: fakes, fixtures and helpers.
