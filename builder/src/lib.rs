@@ -7,6 +7,7 @@ pub mod bake;
 pub mod cli;
 pub mod error;
 pub mod imagetest;
+pub mod inspect;
 pub mod manifest;
 pub mod progress;
 pub mod seed;

@@ -1,1 +1,564 @@
-//! placeholder
+//! Baking: spec → cached rootfs layer → composed tar → raw disk → qcow2 → manifest.
+//!
+//! Stages, each reported on the progress line:
+//! 1. **lock**: decide between the locked versions and a fresh resolution (`--locked` refuses a
+//!    change with exit code 2).
+//! 2. **rootfs**: reuse the cached layer for the same inputs, or run mmdebstrap.
+//! 3. **compose**: stream the layer into the final tar with hygiene, files, artifacts, the agent,
+//!    unit links, fstab and the GRUB config.
+//! 4. **disk**: GPT + GRUB (BIOS and UEFI) + ESP + `mkfs.ext4 -d`.
+//! 5. **qcow2**: `qemu-img convert` with zstd compression, flattened.
+
+pub mod artifacts;
+pub mod disk;
+pub mod layer;
+pub mod rootfs;
+
+use crate::error::input;
+use crate::manifest::{ArtifactInfo, Manifest, Package};
+use crate::progress::Progress;
+use crate::spec::lock::{Lock, LockedArtifact, LockedPackage, LOCK_VERSION};
+use crate::spec::{parse_size, Loaded};
+use crate::store::Cache;
+use crate::util::{run, sha256_bytes, sha256_file};
+use anyhow::{bail, Context, Result};
+use layer::{Add, Content, Overlay};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// How to build.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Output directory for the image and its manifest.
+    pub out_dir: PathBuf,
+    /// Cache directory.
+    pub cache_dir: PathBuf,
+    /// Lock file path (default: beside the spec).
+    pub lock_path: Option<PathBuf>,
+    /// Refuse to change the lock.
+    pub locked: bool,
+    /// Ignore the lock's pins and resolve afresh.
+    pub refresh_lock: bool,
+    /// Do not reuse a cached rootfs layer (it is still written).
+    pub no_cache: bool,
+    /// Version override.
+    pub version: Option<String>,
+    /// Agent binary override.
+    pub agent_binary: Option<PathBuf>,
+}
+
+/// The sha256 of the spec inputs that decide the package set (no host-specific values).
+pub fn package_inputs(l: &Loaded) -> Result<String> {
+    let s = &l.spec;
+    let mut local = Vec::new();
+    for lp in &s.local_packages {
+        let dir = l.resolve(&lp.dir);
+        local.push((lp.name.clone(), tree_hash(&dir)?));
+    }
+    let mut keys = Vec::new();
+    for r in &s.apt_repositories {
+        if let Some(k) = &r.key_file {
+            keys.push(sha256_file(&l.resolve(k))?);
+        }
+    }
+    let v = serde_json::json!({
+        "base": s.base,
+        "packages": s.packages,
+        "apt_repositories": s.apt_repositories.iter().map(|r| serde_json::json!({
+            "name": r.name, "url": r.url, "suite": r.suite, "components": r.components,
+            "fingerprint": r.key_fingerprint, "packages": r.packages,
+        })).collect::<Vec<_>>(),
+        "keys": keys,
+        "local_packages": local,
+        "users": s.users,
+        "groups": s.groups,
+    });
+    Ok(sha256_bytes(&serde_json::to_vec(&v)?))
+}
+
+/// sha256 over a directory tree's relative paths, modes and contents.
+fn tree_hash(dir: &Path) -> Result<String> {
+    fn walk(dir: &Path, base: &Path, out: &mut Vec<(String, u32, String)>) -> Result<()> {
+        let mut entries: Vec<_> = fs_err::read_dir(dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            let meta = fs_err::symlink_metadata(&p)?;
+            let rel = p
+                .strip_prefix(base)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .into_owned();
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.is_dir() {
+                out.push((rel, mode, String::new()));
+                walk(&p, base, out)?;
+            } else if meta.file_type().is_symlink() {
+                out.push((
+                    rel,
+                    0o777,
+                    fs_err::read_link(&p)?.to_string_lossy().into_owned(),
+                ));
+            } else {
+                out.push((rel, mode, sha256_file(&p)?));
+            }
+        }
+        Ok(())
+    }
+    let mut v = Vec::new();
+    walk(dir, dir, &mut v)?;
+    Ok(sha256_bytes(&serde_json::to_vec(&v)?))
+}
+
+/// Locates the agent binary: the spec's, the flag's, or `imagectl-agent` beside this executable.
+fn agent_binary(l: &Loaded, opt: &Options) -> Result<PathBuf> {
+    if let Some(p) = &opt.agent_binary {
+        return Ok(p.clone());
+    }
+    if let Some(p) = &l.spec.agent.binary {
+        return Ok(l.resolve(p));
+    }
+    let exe = std::env::current_exe().context("finding the imagectl executable")?;
+    let sibling = exe.with_file_name("imagectl-agent");
+    if sibling.is_file() {
+        return Ok(sibling);
+    }
+    Err(input(format!(
+        "no imagectl-agent binary found beside {}; build it (cargo build --release) or pass --agent-binary",
+        exe.display()
+    )))
+}
+
+fn now_epoch() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn env_epoch() -> Result<Option<i64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.is_empty() => v.trim().parse().map(Some).map_err(|_| {
+            input(format!(
+                "SOURCE_DATE_EPOCH={v:?} is not a number of seconds"
+            ))
+        }),
+        _ => Ok(None),
+    }
+}
+
+fn parse_mode(m: &str) -> u32 {
+    u32::from_str_radix(m, 8).unwrap_or(0o644)
+}
+
+/// Result of a build.
+#[derive(Debug)]
+pub struct Built {
+    /// The image.
+    pub image: PathBuf,
+    /// Its manifest path.
+    pub manifest_path: PathBuf,
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Lock changes (empty when unchanged).
+    pub lock_changes: Vec<String>,
+    /// The lock file.
+    pub lock_path: PathBuf,
+}
+
+/// Bakes an image.
+pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
+    let started = Instant::now();
+    let mut stages: BTreeMap<String, f64> = BTreeMap::new();
+    let s = &l.spec;
+    let cache = Cache::open(&opt.cache_dir)?;
+    fs_err::create_dir_all(&opt.out_dir)?;
+    let work = tempfile::Builder::new()
+        .prefix(".imagectl-build-")
+        .tempdir_in(&opt.out_dir)
+        .with_context(|| format!("creating a work directory in {}", opt.out_dir.display()))?;
+    let work = work.path();
+
+    // 1. Lock.
+    let st = progress.stage("lock");
+    let lock_path = opt
+        .lock_path
+        .clone()
+        .unwrap_or_else(|| l.default_lock_path());
+    let old = Lock::read(&lock_path)?;
+    let pkg_inputs = package_inputs(l)?;
+    let usable = old
+        .as_ref()
+        .filter(|o| o.inputs == pkg_inputs && o.spec == s.name);
+    if opt.locked {
+        match &old {
+            None => return Err(input(format!(
+                "--locked: {} does not exist; build once without --locked to create it",
+                lock_path.display()
+            ))),
+            Some(_) if usable.is_none() => return Err(input(format!(
+                "--locked: {} is out of date for this spec (packages, repositories or users changed); \
+                 build without --locked to update it",
+                lock_path.display()
+            ))),
+            _ => {}
+        }
+        if opt.refresh_lock {
+            return Err(input("--locked and --refresh-lock contradict each other"));
+        }
+    }
+    let pinned = if opt.refresh_lock { None } else { usable };
+    let epoch = match env_epoch()? {
+        Some(e) => e,
+        None => pinned
+            .map(|p| p.source_date_epoch)
+            .unwrap_or_else(now_epoch),
+    };
+    st.done(match pinned {
+        Some(p) => format!(
+            "{} packages pinned by {}",
+            p.packages.len(),
+            lock_path.display()
+        ),
+        None => "resolving afresh".to_string(),
+    });
+
+    // 2. Rootfs layer.
+    let st = progress.stage("rootfs");
+    let inputs = rootfs::layer_inputs(l, pinned.map(|p| p.packages.as_slice()), epoch, work)?;
+    let key = inputs.key();
+    let layer_path = cache.layer(&key);
+    let meta_path = cache.layer_meta(&key);
+    let cached = !opt.no_cache && layer_path.is_file() && meta_path.is_file();
+    let t = Instant::now();
+    let meta: rootfs::LayerMeta = if cached {
+        st.message("cached layer");
+        serde_json::from_slice(&fs_err::read(&meta_path)?).context("reading the layer metadata")?
+    } else {
+        st.message("mmdebstrap (this takes a minute or two)");
+        let tmp = layer_path.with_extension("tar.part");
+        let (installed, lists) =
+            rootfs::bootstrap(&inputs, &tmp, &cache.debs(&s.base.suite), work)?;
+        let shas = rootfs::index_sha256(&lists)?;
+        let local: BTreeMap<String, String> = inputs
+            .local_deb_paths
+            .iter()
+            .zip(&inputs.local_debs)
+            .filter_map(|(p, (_, sha))| {
+                let name = deb_field(p, "Package").ok()?;
+                Some((name, sha.clone()))
+            })
+            .collect();
+        let mut packages = Vec::new();
+        for (name, version, arch) in installed {
+            let sha = shas
+                .get(&(name.clone(), version.clone()))
+                .or_else(|| local.get(&name))
+                .cloned()
+                .unwrap_or_default();
+            packages.push(LockedPackage {
+                name,
+                version,
+                arch,
+                sha256: sha,
+            });
+        }
+        packages.sort();
+        let meta = rootfs::LayerMeta {
+            packages,
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        fs_err::rename(&tmp, &layer_path)?;
+        fs_err::write(&meta_path, serde_json::to_vec_pretty(&meta)?)?;
+        meta
+    };
+    stages.insert(
+        "rootfs".into(),
+        st.done(if cached {
+            format!("reused layer {}", &key[..12])
+        } else {
+            format!("bootstrapped {} packages", meta.packages.len())
+        })
+        .as_secs_f64(),
+    );
+
+    // The resolution, compared with the lock.
+    let resolved = Lock {
+        version: LOCK_VERSION,
+        spec: s.name.clone(),
+        inputs: pkg_inputs.clone(),
+        source_date_epoch: epoch,
+        packages: meta.packages.clone(),
+        artifacts: s
+            .artifacts
+            .iter()
+            .map(|a| LockedArtifact {
+                name: a.name.clone(),
+                url: a.url.clone(),
+                sha256: a.sha256.clone(),
+            })
+            .collect(),
+    };
+    let lock_changes = match &old {
+        Some(o) => {
+            let mut d = o.diff(&resolved);
+            if d.is_empty() && o.inputs != resolved.inputs {
+                d.push("~ spec inputs".into());
+            }
+            d
+        }
+        None => vec![format!(
+            "+ new lock with {} packages",
+            resolved.packages.len()
+        )],
+    };
+    if opt.locked && !lock_changes.is_empty() {
+        return Err(input(format!(
+            "--locked: the resolution differs from {}:\n  {}",
+            lock_path.display(),
+            lock_changes.join("\n  ")
+        )));
+    }
+    if !lock_changes.is_empty() {
+        resolved.write(&lock_path)?;
+    }
+    let lock_hash = resolved.hash()?;
+
+    // 3. Compose.
+    let st = progress.stage("compose");
+    let agent = agent_binary(l, opt)?;
+    let mut overlay = Overlay {
+        enable: s.units.enable.clone(),
+        disable: s.units.disable.clone(),
+        mask: s.units.mask.clone(),
+        ..Default::default()
+    };
+    let mut file_hashes = Vec::new();
+    for f in &s.files {
+        let content = match (&f.src, &f.content) {
+            (Some(src), _) => {
+                let p = l.resolve(src);
+                file_hashes.push((f.dest.clone(), sha256_file(&p)?));
+                Content::File(p)
+            }
+            (None, Some(c)) => {
+                file_hashes.push((f.dest.clone(), sha256_bytes(c.as_bytes())));
+                Content::Bytes(c.clone().into_bytes())
+            }
+            _ => unreachable!("validated"),
+        };
+        overlay.add.insert(
+            f.dest.clone(),
+            Add::File {
+                content,
+                mode: parse_mode(&f.mode),
+            },
+        );
+    }
+    let mut artifacts = Vec::new();
+    for a in &s.artifacts {
+        st.message(format!("artifact {}", a.name));
+        let p = artifacts::fetch(a, &cache, progress)?;
+        overlay.add.insert(
+            a.dest.clone(),
+            Add::File {
+                content: Content::File(p),
+                mode: parse_mode(&a.mode),
+            },
+        );
+        artifacts.push(ArtifactInfo {
+            name: a.name.clone(),
+            url: a.url.clone(),
+            sha256: a.sha256.clone(),
+            dest: a.dest.clone(),
+        });
+    }
+    let agent_sha =
+        sha256_file(&agent).with_context(|| format!("reading agent binary {}", agent.display()))?;
+    overlay.add.insert(
+        "/usr/local/bin/imagectl-agent".into(),
+        Add::File {
+            content: Content::File(agent.clone()),
+            mode: 0o755,
+        },
+    );
+    if let Some(unit) = &s.agent.unit {
+        let p = l.resolve(unit);
+        file_hashes.push(("agent-unit".into(), sha256_file(&p)?));
+        overlay.add.insert(
+            "/etc/systemd/system/imagectl-agent.service".into(),
+            Add::File {
+                content: Content::File(p),
+                mode: 0o644,
+            },
+        );
+        if !overlay.enable.iter().any(|u| u == "imagectl-agent.service") {
+            overlay.enable.push("imagectl-agent.service".into());
+        }
+    }
+    let spec_json = serde_json::to_vec(&s)?;
+    let spec_hash = sha256_bytes(&spec_json);
+    let inputs_hash = sha256_bytes(
+        serde_json::to_string(&serde_json::json!({
+            "spec": spec_hash, "lock": lock_hash, "files": file_hashes,
+            "agent": agent_sha, "profiles": l.profiles, "recipe": 1,
+        }))?
+        .as_bytes(),
+    );
+    let version = match &opt.version {
+        Some(v) => v.clone(),
+        None => {
+            let date = time::OffsetDateTime::from_unix_timestamp(epoch)
+                .map(|t| format!("{:04}{:02}{:02}", t.year(), u8::from(t.month()), t.day()))
+                .unwrap_or_else(|_| "0".into());
+            format!("{}-{date}-{}", s.version, &inputs_hash[..8])
+        }
+    };
+    let ids = disk::DiskIds::derive(&inputs_hash);
+    let modes = s.disk.boot.firmwares();
+    let uefi = modes.contains(&"uefi");
+    let bios = modes.contains(&"bios");
+    // The kernel: find it in the layer listing via compose's report, so do a first pass for it.
+    let kernel = meta
+        .packages
+        .iter()
+        .find(|p| p.name.starts_with("linux-image-") && p.name.chars().any(|c| c.is_ascii_digit()))
+        .map(|p| p.name.trim_start_matches("linux-image-").to_string())
+        .ok_or_else(|| input("the package set installs no kernel: add linux-image-cloud-amd64 (or another linux-image-*)"))?;
+    overlay.add.insert(
+        "/boot/grub/grub.cfg".into(),
+        Add::File {
+            content: Content::Bytes(disk::grub_cfg(&ids, &kernel, &s.kernel_cmdline).into_bytes()),
+            mode: 0o644,
+        },
+    );
+    overlay.add.insert(
+        "/etc/fstab".into(),
+        Add::File {
+            content: Content::Bytes(disk::fstab(&ids, uefi).into_bytes()),
+            mode: 0o644,
+        },
+    );
+    if uefi {
+        overlay.add.insert("/boot/efi".into(), Add::Dir(0o700));
+    }
+    let info = serde_json::json!({
+        "name": s.name, "version": version, "inputs_hash": inputs_hash,
+        "spec_hash": spec_hash, "lock_hash": lock_hash, "source_date_epoch": epoch,
+    });
+    overlay.add.insert(
+        "/etc/imagectl/image.json".into(),
+        Add::File {
+            content: Content::Bytes(serde_json::to_vec_pretty(&info)?),
+            mode: 0o644,
+        },
+    );
+    let root_tar = work.join("root.tar");
+    let report = layer::compose(&layer_path, &root_tar, &overlay, epoch)?;
+    if !report.kernels.contains(&kernel) {
+        bail!("kernel {kernel} is installed but /boot/vmlinuz-{kernel} is missing from the root filesystem");
+    }
+    stages.insert(
+        "compose".into(),
+        st.done(format!("{} entries", report.entries)).as_secs_f64(),
+    );
+
+    // 4. Disk.
+    let st = progress.stage("disk");
+    let size = parse_size(&s.disk.size).expect("validated");
+    let raw = work.join("disk.raw");
+    disk::build_raw(&disk::RawDisk {
+        raw: &raw,
+        size,
+        root_tar: &root_tar,
+        ids: &ids,
+        bios,
+        uefi,
+        epoch,
+        work,
+    })?;
+    let _ = fs_err::remove_file(&root_tar);
+    stages.insert(
+        "disk".into(),
+        st.done(format!("{} raw", crate::util::human_size(size)))
+            .as_secs_f64(),
+    );
+
+    // 5. qcow2.
+    let st = progress.stage("qcow2");
+    let name = format!("{}-{version}.qcow2", s.name);
+    let image = opt.out_dir.join(&name);
+    let tmp = work.join(&name);
+    qcow2_convert(&raw, &tmp)?;
+    let _ = fs_err::remove_file(&raw);
+    let sha = sha256_file(&tmp)?;
+    let file_size = fs_err::metadata(&tmp)?.len();
+    fs_err::rename(&tmp, &image)?;
+    stages.insert(
+        "qcow2".into(),
+        st.done(crate::util::human_size(file_size)).as_secs_f64(),
+    );
+
+    let manifest = Manifest {
+        format: 1,
+        name: s.name.clone(),
+        version,
+        image: name,
+        sha256: sha,
+        size: file_size,
+        virtual_size: size / (1 << 20) * (1 << 20),
+        spec_hash,
+        lock_hash,
+        inputs_hash,
+        profiles: l.profiles.clone(),
+        boot_modes: modes.iter().map(|m| m.to_string()).collect(),
+        kernel,
+        root_fs_uuid: ids.root_fs.to_string(),
+        source_date_epoch: epoch,
+        packages: meta
+            .packages
+            .iter()
+            .map(|p| Package {
+                name: p.name.clone(),
+                version: p.version.clone(),
+            })
+            .collect(),
+        artifacts,
+        hygiene_removed: report
+            .removed
+            .iter()
+            .map(|(k, v)| (k.clone(), v.len()))
+            .collect(),
+        layer_cached: cached,
+        stage_seconds: stages,
+        build_seconds: started.elapsed().as_secs_f64(),
+        built_at: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        imagectl_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let manifest_path = Manifest::path_for(&image);
+    manifest.write(&manifest_path)?;
+    Ok(Built {
+        image,
+        manifest_path,
+        manifest,
+        lock_changes,
+        lock_path,
+    })
+}
+
+fn deb_field(deb: &Path, field: &str) -> Result<String> {
+    let out = crate::util::run_output(Command::new("dpkg-deb").arg("--field").arg(deb).arg(field))?;
+    Ok(out.trim().to_string())
+}
+
+/// Converts a raw disk into a flattened, zstd-compressed qcow2.
+pub fn qcow2_convert(raw: &Path, out: &Path) -> Result<()> {
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2", "-c", "-m", "8", "-W"])
+        .args(["-o", "compression_type=zstd"])
+        .arg(raw)
+        .arg(out))
+    .context("converting to qcow2 (apt-get install qemu-utils)")
+}
