@@ -5,11 +5,13 @@
 
 pub mod bake;
 pub mod cli;
+pub mod config;
 pub mod error;
 pub mod imagetest;
 pub mod inspect;
 pub mod manifest;
 pub mod progress;
+pub mod remote;
 pub mod seed;
 pub mod spec;
 pub mod store;

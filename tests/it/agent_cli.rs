@@ -4,6 +4,8 @@
 //! These live here rather than in `agent/tests/` so that the agent crate does not dev-depend on
 //! this crate (and through it on the builder): the agent's own build and lints stay independent.
 
+use crate::agent_bin;
+
 use imagectl_proto::{AgentSeed, DockerExecutor};
 use imagectl_tests::gitlab_fake::{GitlabFake, NewRunnerParams};
 use std::path::{Path, PathBuf};
@@ -11,41 +13,6 @@ use std::process::{Command, Output};
 
 /// The `imagectl-agent` binary, built once per test run with this test binary's profile and target
 /// dir (`CARGO_BIN_EXE_*` only exists for the binary's own package).
-fn agent_bin() -> &'static Path {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test binary path");
-        let profile_dir = exe
-            .parent()
-            .and_then(|d| d.parent())
-            .expect("target profile dir");
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "imagectl-agent",
-            "--bin",
-            "imagectl-agent",
-            "--manifest-path",
-        ])
-        .arg(&manifest);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        if let Some(target) = profile_dir.parent() {
-            cmd.env("CARGO_TARGET_DIR", target);
-        }
-        assert!(
-            cmd.status().expect("running cargo build").success(),
-            "building imagectl-agent failed"
-        );
-        let bin = profile_dir.join("imagectl-agent");
-        assert!(bin.is_file(), "{} missing after build", bin.display());
-        bin
-    })
-}
 
 fn write_seed(dir: &Path, gl: &GitlabFake, token: &imagectl_proto::Secret, id: u64) {
     let seed = AgentSeed {

@@ -4,7 +4,10 @@
 //! JSON with `--output json`; progress and logs go to stderr.
 
 mod build;
+mod gc;
+mod images;
 mod inspect;
+mod publish;
 mod seed;
 mod test;
 
@@ -81,6 +84,12 @@ enum Command {
     Test(test::Args),
     /// Write a NoCloud seed ISO for a VM (for humans; deploy makes its own).
     Seed(seed::Args),
+    /// Publish a baked image to Proxmox VE as a versioned template (HTTP API only).
+    Publish(publish::Args),
+    /// List image versions on the Proxmox cluster and how many VMs use each.
+    Images(images::Args),
+    /// Delete old templates that no VM uses (and, for fleets, orphans).
+    Gc(gc::Args),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -92,6 +101,9 @@ pub fn main() -> i32 {
         Command::Inspect(a) => inspect::run(&cli.global, a),
         Command::Test(a) => test::run(&cli.global, a),
         Command::Seed(a) => seed::run(&cli.global, a),
+        Command::Publish(a) => publish::run(&cli.global, a),
+        Command::Images(a) => images::run(&cli.global, a),
+        Command::Gc(a) => gc::run(&cli.global, a),
     };
     match result {
         Ok(code) => code,

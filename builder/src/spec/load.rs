@@ -29,9 +29,24 @@ impl Loaded {
         self.dir.join(p)
     }
 
-    /// The lock file that belongs to this spec: `NAME.lock` beside `NAME.yaml`.
+    /// The lock file that belongs to this spec and its profiles: `NAME.lock` beside `NAME.yaml`,
+    /// or `NAME.PROFILE[+PROFILE].lock` when profiles change what gets installed.
     pub fn default_lock_path(&self) -> PathBuf {
-        self.path.with_extension("lock")
+        if self.profiles.is_empty() {
+            return self.path.with_extension("lock");
+        }
+        let names: Vec<String> = self
+            .profiles
+            .iter()
+            .map(|p| {
+                Path::new(p)
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| p.clone())
+            })
+            .collect();
+        self.path
+            .with_extension(format!("{}.lock", names.join("+")))
     }
 }
 

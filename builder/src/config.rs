@@ -1,0 +1,1 @@
+//! Settings from `imagectl.toml`, the environment and flags (flags > env > file).
