@@ -37,6 +37,9 @@ pub struct Args {
     /// The imagectl-agent binary to bake in (default: the one beside imagectl).
     #[arg(long)]
     pub agent_binary: Option<PathBuf>,
+    /// Resolve sources, packages and the cache key, print the plan, build nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Runs `imagectl build`.
@@ -51,7 +54,26 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<i32> {
         no_cache: a.no_cache,
         version: a.version,
         agent_binary: a.agent_binary,
+        dry_run: a.dry_run,
     };
+    if opt.dry_run {
+        let plan = bake::plan(&loaded, &opt)?;
+        g.emit(&plan, |p| {
+            let mut s = format!(
+                "layer {} ({})\nlock {} ({})\nsources:\n",
+                &p.layer_key[..16],
+                if p.layer_cached { "cached" } else { "to build" },
+                p.lock.display(),
+                if p.pinned { "versions pinned" } else { "resolving afresh" }
+            );
+            for src in &p.sources {
+                s.push_str(&format!("  {src}\n"));
+            }
+            s.push_str(&format!("packages: {}\n", p.includes.join(" ")));
+            s
+        })?;
+        return Ok(0);
+    }
     let built = bake::build(&loaded, &opt, &g.progress())?;
     let value = serde_json::json!({
         "image": built.image,

@@ -5,10 +5,11 @@
 use super::seed::agent_from_flags;
 use super::Global;
 use crate::imagetest::{self, TestOptions, TestReport};
+use crate::manifest::Manifest;
 use crate::vm::{Accel, Firmware, NetPolicy};
 use anyhow::Result;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Which firmware(s) to boot with.
@@ -38,9 +39,10 @@ pub enum AccelChoice {
 pub struct Args {
     /// The qcow2 image to boot (it is never modified: the VM writes to an overlay).
     pub image: PathBuf,
-    /// Firmware to boot with.
-    #[arg(long, value_enum, default_value_t = FirmwareChoice::Bios)]
-    pub firmware: FirmwareChoice,
+    /// Firmware to boot with. Default: the boot modes in the manifest beside the image (a hybrid
+    /// image boots with both), else SeaBIOS.
+    #[arg(long, value_enum)]
+    pub firmware: Option<FirmwareChoice>,
     /// CPU accelerator (the IMAGECTL_ACCEL environment variable overrides it).
     #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
     pub accel: AccelChoice,
@@ -89,13 +91,15 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
     if a.timeout == 0 {
         return Err(crate::error::input("--timeout must be at least 1 second"));
     }
+    let firmwares = match a.firmware {
+        Some(FirmwareChoice::Bios) => vec![Firmware::Bios],
+        Some(FirmwareChoice::Uefi) => vec![Firmware::Uefi],
+        Some(FirmwareChoice::Both) => vec![Firmware::Bios, Firmware::Uefi],
+        None => manifest_firmwares(&a.image)?,
+    };
     let opts = TestOptions {
         image: a.image,
-        firmwares: match a.firmware {
-            FirmwareChoice::Bios => vec![Firmware::Bios],
-            FirmwareChoice::Uefi => vec![Firmware::Uefi],
-            FirmwareChoice::Both => vec![Firmware::Bios, Firmware::Uefi],
-        },
+        firmwares,
         accel: match a.accel {
             AccelChoice::Auto => Accel::Auto,
             AccelChoice::Tcg => Accel::Tcg,
@@ -117,6 +121,42 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
     let report = imagetest::run(&opts, &g.progress())?;
     g.emit(&report, render_table)?;
     Ok(if report.passed { 0 } else { 1 })
+}
+
+/// The firmwares the image's manifest (beside it) says it boots with, in order BIOS then UEFI;
+/// SeaBIOS alone when there is no manifest. A manifest that exists but cannot be read, or names
+/// no known boot mode, is an input error (pass `--firmware` to override).
+pub fn manifest_firmwares(image: &Path) -> Result<Vec<Firmware>> {
+    let path = Manifest::path_for(image);
+    if !path.is_file() {
+        tracing::debug!(
+            "no manifest at {}; booting with SeaBIOS (use --firmware to choose)",
+            path.display()
+        );
+        return Ok(vec![Firmware::Bios]);
+    }
+    let m = Manifest::read(&path)?;
+    firmwares_for_modes(&m.boot_modes).ok_or_else(|| {
+        crate::error::input(format!(
+            "{}: boot_modes {:?} name no firmware imagectl test knows (bios, uefi, hybrid); pass --firmware",
+            path.display(),
+            m.boot_modes
+        ))
+    })
+}
+
+/// `["bios","uefi"]` / `["hybrid"]` → both, in the order BIOS, UEFI; `None` when nothing is known.
+fn firmwares_for_modes(modes: &[String]) -> Option<Vec<Firmware>> {
+    let has = |w: &str| modes.iter().any(|m| m.eq_ignore_ascii_case(w));
+    let hybrid = has("hybrid");
+    let mut v = Vec::new();
+    if hybrid || has("bios") {
+        v.push(Firmware::Bios);
+    }
+    if hybrid || has("uefi") {
+        v.push(Firmware::Uefi);
+    }
+    (!v.is_empty()).then_some(v)
 }
 
 /// The human-readable report: one table per boot.
@@ -146,4 +186,38 @@ pub fn render_table(r: &TestReport) -> String {
     }
     let _ = writeln!(s, "{}", if r.passed { "PASSED" } else { "FAILED" });
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn modes(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn boot_modes_map_to_firmwares() {
+        let both = Some(vec![Firmware::Bios, Firmware::Uefi]);
+        assert_eq!(firmwares_for_modes(&modes(&["bios", "uefi"])), both);
+        assert_eq!(firmwares_for_modes(&modes(&["uefi", "bios"])), both);
+        assert_eq!(firmwares_for_modes(&modes(&["hybrid"])), both);
+        assert_eq!(
+            firmwares_for_modes(&modes(&["uefi"])),
+            Some(vec![Firmware::Uefi])
+        );
+        assert_eq!(
+            firmwares_for_modes(&modes(&["bios"])),
+            Some(vec![Firmware::Bios])
+        );
+        assert_eq!(firmwares_for_modes(&modes(&["arm"])), None);
+        assert_eq!(firmwares_for_modes(&[]), None);
+    }
+
+    #[test]
+    fn no_manifest_means_seabios() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("x.qcow2");
+        assert_eq!(manifest_firmwares(&img).unwrap(), vec![Firmware::Bios]);
+    }
 }

@@ -264,6 +264,14 @@ fn check_dest(dest: &str, what: &str) -> Result<()> {
             "{what}: dest {dest:?} must be an absolute file path without '..'"
         )));
     }
+    if let Some(rule) = crate::bake::layer::hygiene_rule(dest.trim_start_matches('/')) {
+        return Err(input(format!(
+            "{what}: dest {dest:?} would break image hygiene ({rule} must not be baked into a golden image)"
+        )));
+    }
+    if dest == "/etc/machine-id" || dest == "/usr/local/bin/imagectl-agent" {
+        return Err(input(format!("{what}: dest {dest:?} is managed by imagectl")));
+    }
     Ok(())
 }
 

@@ -1,0 +1,449 @@
+"""imagectl's test harness around fakepve: a fake Proxmox VE API for the publish/images/gc tests.
+
+fakepve (PyPI `fakepve[crypto]`, AGPL-3.0) is installed into a virtualenv by `.ci/run` and imported
+here; nothing of it is vendored or copied. This file only subclasses `FakePve` where fakepve 0.5.0
+answers differently from the PVE documentation (pve-storage, qemu-server), and adds a loopback
+control channel so the Rust tests (`tests/src/fakepve.rs`) can inject faults and read state.
+
+Run:  python harness.py [--time-scale 0]
+It prints one JSON line on stdout once both servers listen:
+    {"port", "control_port", "fingerprint", "ca_file", "token", "workdir"}
+and exits when its stdin is closed (the Rust wrapper holds the pipe), or on SIGTERM.
+
+Where fakepve 0.5.0 differs from the PVE docs, and what this subclass does about it:
+* upload accepts only content=iso/vztmpl although the PVE 9 schema allows `import`: we accept
+  `import` with PVE's filename rule (SAFE_CHAR_CLASS + .qcow2|.raw|.vmdk|.ova, else 400
+  "invalid filename or wrong extension").
+* upload reads the whole body into memory (64 MiB client_max_size): we stream the multipart body
+  to a sparse temp file `pveupload-*` in 1 MiB chunks, as pveproxy does (memory stays flat).
+* upload ignores `checksum`: the imgcopy task verifies it and fails with PVE's
+  "checksum mismatch" (temp file removed, nothing stored).
+* import volumes are not inspected: a qcow2 with a backing file fails the task, as
+  `file_size_info(..., untrusted)` does in PVE; the qcow2 virtual size is kept for import-from.
+* `scsi0=STORE:0,import-from=VOL` allocates 0 bytes and keeps `import-from` in the config: we size
+  the new disk from the source's virtual size, fail if the source does not exist, and drop
+  `import-from` from the stored config, as qemu-server does.
+* download-url pretends (no fetch): we fetch the URL (loopback http(s) in tests) into a temp file,
+  verify the checksum and the image as upload does.
+* the `local` storage lacks `import` in its content list: added.
+* Storage volumes are cluster-wide in fakepve even for non-shared storages (PVE keeps them per
+  node); tests publish to nodes one after another, so this does not matter for them.
+"""
+
+import argparse
+import asyncio
+import datetime
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import signal
+import struct
+import sys
+import tempfile
+import threading
+
+import aiohttp
+from aiohttp import web
+from fakepve import FakePve, PveError, TaskError
+from fakepve.lxc import format_size
+from fakepve.qemu import NEW_DISK, join_drive, split_drive, volume_ref
+from fakepve.routing import split_list
+
+CHUNK = 1 << 20
+SAFE_IMPORT_NAME = re.compile(r'^[a-zA-Z0-9\-.+=_]+\.(ova|qcow2|raw|vmdk)$')
+HASHES = {'md5': 'md5', 'sha1': 'sha1', 'sha224': 'sha224', 'sha256': 'sha256', 'sha384': 'sha384',
+          'sha512': 'sha512'}
+ZERO = bytes(CHUNK)
+
+
+def make_pki(directory):
+    """A PVE-like PKI: a root CA (pve-root-ca.pem) and a node certificate it signs for 127.0.0.1.
+
+    Returns (ca_file, cert_file, key_file, leaf SHA-256 fingerprint as AA:BB:...).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'Proxmox Virtual Environment'),
+                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, 'fakepve-ca')])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = [x509.DNSName('localhost'), x509.IPAddress(ipaddress.ip_address('127.0.0.1'))]
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'pve1')]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca_file = os.path.join(directory, 'pve-root-ca.pem')
+    cert_file = os.path.join(directory, 'pve-ssl.pem')
+    key_file = os.path.join(directory, 'pve-ssl.key')
+    with open(ca_file, 'wb') as out:
+        out.write(ca.public_bytes(serialization.Encoding.PEM))
+    with open(cert_file, 'wb') as out:
+        out.write(leaf.public_bytes(serialization.Encoding.PEM))
+    with os.fdopen(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 'wb') as out:
+        out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                    serialization.NoEncryption()))
+    digest = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
+    return ca_file, cert_file, key_file, ':'.join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def inspect_image(path, filename):
+    """(virtual size, error or None) of an uploaded import image, as PVE's untrusted file_size_info sees it."""
+    if not filename.endswith('.qcow2'):
+        return os.path.getsize(path), None
+    with open(path, 'rb') as fh:
+        head = fh.read(72)
+    if len(head) < 72 or head[:4] != b'QFI\xfb':
+        return 0, "'{0}' is not a valid qcow2 image".format(filename)
+    backing_offset, = struct.unpack('>Q', head[8:16])
+    size, = struct.unpack('>Q', head[24:32])
+    if backing_offset:
+        return size, "image '{0}' has a backing file - backing file not allowed".format(filename)
+    return size, None
+
+
+class ImagectlPve(FakePve):
+    """FakePve with import uploads as the PVE docs describe them, in-task faults and a control view."""
+
+    def __init__(self, workdir, **kwargs):
+        super().__init__(**kwargs)
+        self.workdir = workdir
+        # (method, suffix) -> {'message', 'times'}: requests answered with a UPID whose task fails.
+        self.task_failures = {}
+        # One record per finished upload: filename, bytes received, status.
+        self.uploads = []
+        self.storages['local']['content'] = 'iso,vztmpl,backup,snippets,import'
+
+    # ------------------------------------------------------------ upload
+
+    async def _read_body(self, request):
+        # The upload handler streams its own body; every other request is read whole, as before.
+        if request.method == 'POST' and request.path.endswith('/upload'):
+            return b''
+        return await super()._read_body(request)
+
+    async def _answer(self, request, handler, generic, path_node):
+        for key, rule in list(self.task_failures.items()):
+            if request.method != key[0] or not request.path.endswith(key[1]):
+                continue
+            if rule['times'] is not None:
+                rule['times'] -= 1
+                if rule['times'] <= 0:
+                    del self.task_failures[key]
+            return web.json_response({'data': await self._failing_task(request, path_node, rule['message'])})
+        return await super()._answer(request, handler, generic, path_node)
+
+    async def _failing_task(self, request, path_node, message):
+        from fakepve.server import USER
+        node = path_node if path_node in self.nodes else sorted(self.nodes)[0]
+        vmid = request.match_info.get('vmid', '')
+        if not vmid:
+            found = re.search(r'/qemu/(\d+)', request.path)
+            vmid = found.group(1) if found else ''
+
+        async def body():
+            raise TaskError(message)
+        return await self.task(node, request.path.rstrip('/').rsplit('/', 1)[-1], vmid,
+                               request[USER] or 'root@pam', body)
+
+    async def _upload(self, request):
+        from fakepve.server import USER
+        node = request.match_info['node']
+        name, store = self._file_storage(request, 'upload')
+        user = request[USER]
+        self.require(user, '/storage/' + name, 'Datastore.AllocateTemplate')
+        if request.content_type != 'multipart/form-data':
+            raise PveError(400, 'bad upload request: not multipart/form-data')
+        if request.content_length is None:
+            raise PveError(411, 'Length Required: upload without Content-Length')
+        fields, tmp, received, hasher = {}, None, 0, None
+        try:
+            reader = await request.multipart()
+            while True:
+                part = await reader.next()
+                if part is None:
+                    break
+                if part.filename is None:
+                    fields[part.name] = (await part.read(decode=False)).decode()
+                    continue
+                fields['filename'] = part.filename
+                algo = HASHES.get(fields.get('checksum-algorithm', ''))
+                hasher = hashlib.new(algo) if algo else None
+                fd, tmp = tempfile.mkstemp(prefix='pveupload-', dir=self.workdir)
+                with os.fdopen(fd, 'wb') as out:
+                    while True:
+                        chunk = await part.read_chunk(CHUNK)
+                        if not chunk:
+                            break
+                        received += len(chunk)
+                        if hasher:
+                            hasher.update(chunk)
+                        if len(chunk) == CHUNK and chunk == ZERO:
+                            out.seek(len(chunk), os.SEEK_CUR)  # sparse: a zero MiB costs no disk
+                        else:
+                            out.write(chunk)
+                    out.truncate()
+        except (ValueError, AssertionError, aiohttp.ClientPayloadError) as e:
+            self._drop(tmp)
+            raise PveError(400, 'bad upload request: {0}'.format(e)) from None
+        content = fields.get('content')
+        filename = fields.get('filename', '')
+        record = {'filename': filename, 'bytes': received, 'storage': name, 'node': node, 'status': 'rejected'}
+        self.uploads.append(record)
+        try:
+            if tmp is None:
+                raise PveError(400, 'Parameter verification failed.', {'filename': 'missing file upload'})
+            if content == 'import':
+                if not SAFE_IMPORT_NAME.match(filename):
+                    raise PveError(400, 'Parameter verification failed.',
+                                   {'filename': 'invalid filename or wrong extension'})
+            elif content not in ('iso', 'vztmpl'):
+                raise PveError(400, 'Parameter verification failed.',
+                               {'content': "upload content type '{0}' not allowed".format(content)})
+            self._need_file_storage(store, "can't upload to storage type '{0}'")
+            if content not in split_list(store.get('content')):
+                raise PveError(500, "storage '{0}' does not support '{1}' content".format(name, content))
+        except PveError:
+            self._drop(tmp)
+            raise
+        checksum = fields.get('checksum')
+        algo = fields.get('checksum-algorithm')
+        digest = hasher.hexdigest() if hasher else None
+
+        async def body():
+            return self._finish_import(name, filename, content, tmp, checksum, algo, digest, record, log)
+        log = ['starting file import from: {0}'.format(tmp), 'target node: {0}'.format(node)]
+        self.uploaded = {k: v for k, v in fields.items() if k != 'data'}
+        from fakepve.server import ok
+        return ok(await self.task(node, 'imgcopy', '', user, body, log=log))
+
+    def _finish_import(self, name, filename, content, tmp, checksum, algo, digest, record, log):
+        """The worker part of upload and download-url: checksum, image checks, store; the temp file always goes."""
+        try:
+            if checksum:
+                if algo not in HASHES:
+                    raise TaskError("unsupported checksum algorithm '{0}'".format(algo))
+                if digest is None:
+                    digest = self._hash_file(tmp, algo)
+                if digest.lower() != checksum.lower():
+                    log.append("ERROR, checksum mismatch: got '{0}' != expect '{1}'".format(digest, checksum))
+                    raise TaskError('checksum mismatch')
+                log.append('OK, checksum verified')
+            size = os.path.getsize(tmp)
+            if content == 'import':
+                vsize, err = inspect_image(tmp, filename)
+                if err:
+                    raise TaskError(err)
+            else:
+                vsize = size
+            self.store_file(name, filename, size, content)
+            vol = self.storages[name]['volumes']['{0}/{1}'.format(content, filename)]
+            vol['virtual_size'] = vsize
+            log.append('target file: /var/lib/vz/{0}/{1}'.format(content, filename))
+            record['status'] = 'stored'
+        except TaskError:
+            record['status'] = 'failed'
+            raise
+        finally:
+            self._drop(tmp)
+
+    @staticmethod
+    def _hash_file(path, algo):
+        h = hashlib.new(HASHES[algo])
+        with open(path, 'rb') as fh:
+            for chunk in iter(lambda: fh.read(CHUNK), b''):
+                h.update(chunk)
+        return h.hexdigest()
+
+    @staticmethod
+    def _drop(path):
+        if path:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    async def _download_url(self, request):
+        from fakepve.server import USER, ok, params
+        node = request.match_info['node']
+        name, store = self._file_storage(request, 'download')
+        user = request[USER]
+        self.require(user, '/storage/' + name, 'Datastore.AllocateTemplate')
+        p = self._verify(request, await params(request))
+        self._need_file_storage(store, "can't upload to storage type '{0}', not a file based storage!")
+        content, filename = p['content'], p['filename']
+        if content == 'import' and not SAFE_IMPORT_NAME.match(filename):
+            raise PveError(400, 'Parameter verification failed.', {'filename': 'invalid filename or wrong extension'})
+        if content not in split_list(store.get('content')):
+            raise PveError(500, "storage '{0}' is not configured for content-type '{1}'".format(name, content))
+        verify = str(p.get('verify-certificates', 1)) not in ('0', 'false')
+        record = {'filename': filename, 'bytes': 0, 'storage': name, 'node': node, 'status': 'downloading'}
+        self.uploads.append(record)
+        log = ['downloading {0} to {1}'.format(p['url'], filename)]
+
+        async def body():
+            fd, tmp = tempfile.mkstemp(prefix='download-', dir=self.workdir)
+            try:
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(p['url'], ssl=None if verify else False) as resp:
+                        if resp.status != 200:
+                            raise TaskError('download failed: {0} {1}'.format(resp.status, resp.reason))
+                        with os.fdopen(fd, 'wb') as out:
+                            async for chunk in resp.content.iter_chunked(CHUNK):
+                                record['bytes'] += len(chunk)
+                                out.write(chunk)
+            except aiohttp.ClientError as e:
+                self._drop(tmp)
+                raise TaskError('download failed: {0}'.format(e)) from None
+            return self._finish_import(name, filename, content, tmp, p.get('checksum'),
+                                       p.get('checksum-algorithm'), None, record, log)
+        return ok(await self.task(node, 'download', name, user, body, log=log))
+
+    # ------------------------------------------------------- import-from
+
+    def _qm_new_drive(self, vmid, key, value, default):
+        volume, props = split_drive(value)
+        source = props.get('import-from')
+        found = NEW_DISK.match(volume)
+        if not source or not found:
+            return super()._qm_new_drive(vmid, key, value, default)
+        sid, volname = volume_ref(source)
+        vol = self._volumes(sid).get(volname) if sid in self.storages else None
+        if vol is None:
+            raise PveError(500, "volume '{0}' does not exist".format(source))
+        vsize = int(vol.get('virtual_size') or vol.get('size') or 0)
+        props = dict(props)
+        props.pop('import-from')
+        volid, _fmt = self._qm_alloc(found.group(1) or default, vmid, props.pop('format', None), vsize)
+        props['size'] = format_size(vsize)
+        return join_drive(volid, props), [volid]
+
+    # ------------------------------------------------------------ view
+
+    def view(self):
+        vms = [{'vmid': vm.vmid, 'name': vm.name, 'node': vm.node, 'template': bool(vm.template),
+                'lock': vm.lock, 'tags': vm.config.get('tags', ''), 'description': vm.config.get('description', ''),
+                'config': {k: str(v) for k, v in vm.config.items()}} for vm in self.vms]
+        volumes = []
+        for sid in sorted(self.storages):
+            for volname, vol in sorted(self.storages[sid].get('volumes', {}).items()):
+                volumes.append({'volid': '{0}:{1}'.format(sid, volname), 'content': vol.get('content'),
+                                'size': int(vol.get('size') or 0), 'vmid': vol.get('vmid')})
+        tasks = [{'upid': t['upid'], 'type': t['type'], 'node': t['node'], 'status': t['status'],
+                  'exitstatus': t.get('exitstatus')} for t in self.tasklog]
+        return {'vms': vms, 'volumes': volumes, 'tasks': tasks, 'uploads': self.uploads,
+                'nodes': {n: s.get('online', True) for n, s in self.nodes.items()},
+                'requests': [[m, p] for m, p, _b in self.requests]}
+
+
+def control_app(pve):
+    """The loopback control channel: JSON in, JSON out, no auth (test-only, bound to 127.0.0.1)."""
+    async def state(_request):
+        return web.json_response(pve.view())
+
+    async def command(request):
+        cmd = request.match_info['cmd']
+        a = await request.json() if request.can_read_body else {}
+        try:
+            if cmd == 'fail':
+                pve.fail(a['method'], a['suffix'], status=a.get('status'), message=a.get('message'),
+                         error=a.get('error'), times=a.get('times'))
+            elif cmd == 'fail-task':
+                pve.task_failures[(a['method'], a['suffix'])] = {'message': a['message'], 'times': a.get('times')}
+            elif cmd == 'clear-failures':
+                pve.failures.clear()
+                pve.task_failures.clear()
+            elif cmd == 'node':
+                if a['name'] not in pve.nodes:
+                    pve.add_node(a['name'])
+                pve.set_node_offline(a['name'], not a.get('online', True))
+            elif cmd == 'storage':
+                store = pve.storages.setdefault(a['name'], {'type': a.get('type', 'dir'), 'active': 1,
+                                                            'files': set(), 'path': '/mnt/pve/' + a['name']})
+                for k in ('content', 'shared', 'avail', 'type', 'vgname', 'thinpool', 'nodes'):
+                    if k in a:
+                        store[k] = a[k]
+            elif cmd == 'token':
+                if a.get('remove'):
+                    pve.apitokens.pop(a['id'], None)
+                else:
+                    pve.apitokens[a['id']] = a['secret']
+            elif cmd == 'vm':
+                vm = pve.add_vm(int(a['vmid']), a['name'], node=a.get('node', 'pve1'),
+                                status=a.get('status', 'stopped'), config=a.get('config', {}),
+                                template=a.get('template', False), lock=a.get('lock'))
+                if vm.template:
+                    vm.config['template'] = 1
+            elif cmd == 'time-scale':
+                pve.time_scale = float(a['value'])
+            else:
+                return web.json_response({'error': 'unknown command ' + cmd}, status=404)
+        except (KeyError, ValueError, TypeError) as e:
+            return web.json_response({'error': repr(e)}, status=400)
+        return web.json_response({'ok': True})
+
+    app = web.Application()
+    app.router.add_get('/state', state)
+    app.router.add_post('/{cmd}', command)
+    return app
+
+
+async def main(args):
+    workdir = tempfile.mkdtemp(prefix='fakepve-harness-')
+    ca_file, cert_file, key_file, fingerprint = make_pki(workdir)
+    pve = ImagectlPve(workdir, host='127.0.0.1', port=0)
+    pve.time_scale = args.time_scale
+    for node in ('pve2', 'pve3'):
+        pve.add_node(node)
+    pve.add_ceph_storage('ceph-vm')
+    token_id, secret = 'imagectl@pve!ci', secrets.token_hex(16)
+    pve.apitokens[token_id] = secret
+    await pve.start(cert_file, key_file)
+    runner = web.AppRunner(control_app(pve))
+    await runner.setup()
+    site = web.TCPSite(runner, '127.0.0.1', 0)
+    await site.start()
+    control_port = runner.addresses[0][1]
+    print(json.dumps({'port': pve.port, 'control_port': control_port, 'fingerprint': fingerprint,
+                      'ca_file': ca_file, 'token': '{0}={1}'.format(token_id, secret), 'workdir': workdir}),
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    def watch_stdin():
+        # The Rust side holds our stdin; EOF means it went away.
+        sys.stdin.buffer.read()
+        loop.call_soon_threadsafe(stop.set)
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    await stop.wait()
+    await runner.cleanup()
+    await pve.stop()
+    for name in os.listdir(workdir):
+        os.unlink(os.path.join(workdir, name))
+    os.rmdir(workdir)
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--time-scale', type=float, default=0.0,
+                        help='real seconds per PVE second; 0 finishes tasks before the request returns')
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,148 @@
+//! e2e: the offline image of `image-specs/gitlab-runner.yaml`, baked once per run, boots under
+//! SeaBIOS and under OVMF with `imagectl test` and every check passes; `imagectl inspect` finds it
+//! clean, flat, zstd-compressed and matching its manifest.
+//!
+//! Heavy: takes the `heavy()` lock, bakes on first use (minutes when the package cache is cold)
+//! and boots twice under TCG (a few minutes).
+
+use crate::imagectl_bin;
+use crate::support::{heavy, offline_image, workspace};
+use serde_json::Value;
+use std::process::Command;
+
+/// The checks `imagectl test` must report as passed in every boot (no agent seed is given, so
+/// there is no agent-status check here; e2e_agent covers registration).
+const CHECKS: [&str; 5] = [
+    "node_exporter",
+    "cadvisor",
+    "docker",
+    "agent-unit",
+    "cloud-init",
+];
+
+fn run_json(cmd: &mut Command) -> (i32, Value, String) {
+    let o = cmd.output().expect("running imagectl");
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "imagectl printed no JSON ({e}); stdout: {}\nstderr: {stderr}",
+            String::from_utf8_lossy(&o.stdout)
+        )
+    });
+    (o.status.code().unwrap_or(-1), v, stderr)
+}
+
+#[test]
+fn e2e_image_boots_under_bios_and_uefi_and_inspects_clean() {
+    let _g = heavy();
+    let image = offline_image();
+    eprintln!("e2e_image: image {}", image.display());
+
+    // --- inspect: hygiene, flat, zstd, manifest sha256 ---------------------------------------
+    let (code, v, stderr) = run_json(
+        Command::new(imagectl_bin())
+            .arg("inspect")
+            .arg(image)
+            .args(["--output", "json", "--quiet"]),
+    );
+    let hygiene = v["hygiene"].as_array().expect("hygiene list");
+    assert!(!hygiene.is_empty(), "no hygiene checks reported: {v:#}");
+    let failed: Vec<&Value> = hygiene
+        .iter()
+        .filter(|c| c["ok"] != Value::Bool(true))
+        .collect();
+    assert!(failed.is_empty(), "hygiene checks failed: {failed:#?}");
+    assert_eq!(
+        v["qcow2"]["has_backing_file"], false,
+        "qcow2 not flat: {}",
+        v["qcow2"]
+    );
+    assert_eq!(v["qcow2"]["compression"], "zstd", "{}", v["qcow2"]);
+    assert_eq!(v["qcow2"]["version"], 3, "{}", v["qcow2"]);
+    assert_eq!(
+        v["manifest_sha256_matches"], true,
+        "manifest sha256 differs"
+    );
+    assert_eq!(
+        v["manifest"]["sha256"], v["sha256"],
+        "manifest and image sha256"
+    );
+    // Checked independently of imagectl's own hashing.
+    let bytes_sha = imagectl::util::sha256_file(image).expect("hashing the image");
+    assert_eq!(v["sha256"].as_str(), Some(bytes_sha.as_str()));
+    let modes: Vec<&str> = v["manifest"]["boot_modes"]
+        .as_array()
+        .expect("boot_modes")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        modes.contains(&"bios") && modes.contains(&"uefi"),
+        "the spec asks for a hybrid image; manifest says {modes:?}"
+    );
+    assert_eq!(v["ok"], true, "inspect not ok");
+    assert_eq!(code, 0, "inspect exit code; stderr: {stderr}");
+
+    // --- boot under SeaBIOS and OVMF -----------------------------------------------------------
+    let serial = tempfile::tempdir().expect("tempdir");
+    let serial_base = serial.path().join("serial.log");
+    let (code, v, stderr) = run_json(
+        Command::new(imagectl_bin())
+            .current_dir(workspace())
+            .arg("test")
+            .arg(image)
+            .args(["--firmware", "both", "--accel", "tcg", "--timeout", "600"])
+            .args(["--output", "json", "--quiet", "--serial-log"])
+            .arg(&serial_base),
+    );
+    let boots = v["boots"].as_array().expect("boots");
+    let firmwares: Vec<&str> = boots
+        .iter()
+        .filter_map(|b| b["firmware"].as_str())
+        .collect();
+    assert_eq!(firmwares, ["bios", "uefi"], "{v:#}");
+    for b in boots {
+        let fw = b["firmware"].as_str().unwrap_or("?");
+        let checks = b["checks"].as_array().expect("checks");
+        for want in CHECKS {
+            let c = checks
+                .iter()
+                .find(|c| c["name"] == want)
+                .unwrap_or_else(|| panic!("{fw}: no {want} check in {b:#}"));
+            assert_eq!(
+                c["passed"],
+                true,
+                "{fw}: check {want} failed: {}\nserial tail:\n{}",
+                c["detail"],
+                b["serial_tail"].as_str().unwrap_or("")
+            );
+        }
+        let failed: Vec<&Value> = checks.iter().filter(|c| c["passed"] != true).collect();
+        assert!(failed.is_empty(), "{fw}: failed checks {failed:#?}");
+        assert_eq!(b["passed"], true, "{fw}: boot not passed");
+        let timing: Vec<String> = checks
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}={:.1}",
+                    c["name"].as_str().unwrap_or("?"),
+                    c["seconds"].as_f64().unwrap_or(f64::NAN)
+                )
+            })
+            .collect();
+        eprintln!(
+            "E2E-IMAGE-TIMING firmware={fw} accel={} {}",
+            b["accel"].as_str().unwrap_or("?"),
+            timing.join(" ")
+        );
+        let log = serial.path().join(format!("serial.log.{fw}"));
+        let console = std::fs::read(&log).unwrap_or_default();
+        assert!(
+            String::from_utf8_lossy(&console).contains("Linux version"),
+            "{fw}: serial console copy {} has no kernel output",
+            log.display()
+        );
+    }
+    assert_eq!(v["passed"], true, "report not passed");
+    assert_eq!(code, 0, "imagectl test exit code; stderr: {stderr}");
+}
