@@ -4,11 +4,19 @@
 //! JSON with `--output json`; progress and logs go to stderr.
 
 mod build;
+mod completions;
+mod deploy;
+mod destroy;
 mod gc;
 mod images;
 mod inspect;
+mod man;
 mod publish;
+mod replace;
+mod rollback;
 mod seed;
+mod status;
+mod targets;
 mod test;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -90,6 +98,22 @@ enum Command {
     Images(images::Args),
     /// Delete old templates that no VM uses (and, for fleets, orphans).
     Gc(gc::Args),
+    /// Reconcile a fleet to N healthy runner VMs of an image.
+    Deploy(deploy::Args),
+    /// Show every VM of a fleet: image, runner, GitLab status, agent state, health.
+    Status(status::Args),
+    /// Replace VMs one for one, draining their runners first.
+    Replace(replace::Args),
+    /// Replace every VM not on the previous (or a given) image version.
+    Rollback(rollback::Args),
+    /// Drain and delete a fleet: runners, VMs and seeds.
+    Destroy(destroy::Args),
+    /// Print Prometheus file_sd targets for a fleet.
+    Targets(targets::Args),
+    /// Print a shell completion script.
+    Completions(completions::Args),
+    /// Print the man page (roff).
+    Man(man::Args),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -104,6 +128,14 @@ pub fn main() -> i32 {
         Command::Publish(a) => publish::run(&cli.global, a),
         Command::Images(a) => images::run(&cli.global, a),
         Command::Gc(a) => gc::run(&cli.global, a),
+        Command::Deploy(a) => deploy::run(&cli.global, a),
+        Command::Status(a) => status::run(&cli.global, a),
+        Command::Replace(a) => replace::run(&cli.global, a),
+        Command::Rollback(a) => rollback::run(&cli.global, a),
+        Command::Destroy(a) => destroy::run(&cli.global, a),
+        Command::Targets(a) => targets::run(&cli.global, a),
+        Command::Completions(a) => completions::run(&cli.global, a),
+        Command::Man(a) => man::run(&cli.global, a),
     };
     match result {
         Ok(code) => code,

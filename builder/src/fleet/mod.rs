@@ -1,0 +1,1 @@
+//! Fleet logic (deploy, replace, rollback, drain, gc), written once over the provider trait.

@@ -1,0 +1,1 @@
+//! Where VMs run: one trait, implemented by the Proxmox and local providers.
