@@ -334,6 +334,17 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
         };
         fs_err::rename(&tmp, &layer_path)?;
         fs_err::write(&meta_path, serde_json::to_vec_pretty(&meta)?)?;
+        if !pinned {
+            // A fresh resolution gives the same bytes as a build pinned to it, so the next
+            // (pinned) build of this lock reuses this layer instead of bootstrapping again.
+            let alias = rootfs::layer_inputs(l, Some(&meta.packages), epoch, work)?.key();
+            if alias != key {
+                for (from, to) in [(&layer_path, cache.layer(&alias)), (&meta_path, cache.layer_meta(&alias))] {
+                    let _ = fs_err::remove_file(&to);
+                    fs_err::hard_link(from, &to).or_else(|_| fs_err::copy(from, &to).map(|_| ()))?;
+                }
+            }
+        }
         meta
     };
     stages.insert(

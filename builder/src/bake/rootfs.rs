@@ -339,7 +339,7 @@ pub fn layer_inputs(
         .trim()
         .to_string();
     Ok(LayerInputs {
-        recipe: 1,
+        recipe: 2,
         suite: s.base.suite.clone(),
         sources,
         includes,
@@ -402,7 +402,10 @@ pub fn bootstrap(
         "--customize-hook=chroot \"$1\" dpkg-query -W -f='${Package}\\t${Version}\\t${Architecture}\\n' > \"$1\"/tmp/imagectl-installed.tsv",
     )
     .arg(format!("--customize-hook=copy-out /tmp/imagectl-installed.tsv {}", quote(&work.to_string_lossy())))
-    .arg("--customize-hook=rm -f \"$1\"/tmp/imagectl-installed.tsv \"$1\"/etc/apt/preferences.d/imagectl.pref")
+    // apt's auto/manual marks differ between a fresh resolution and a pinned one (every pinned
+    // package is asked for by name); an immutable image never autoremoves, so drop them and both
+    // ways give the same bytes.
+    .arg("--customize-hook=rm -f \"$1\"/tmp/imagectl-installed.tsv \"$1\"/etc/apt/preferences.d/imagectl.pref \"$1\"/var/lib/apt/extended_states")
     .arg(&inputs.suite)
     .arg(out);
     for s in &inputs.sources {
