@@ -31,11 +31,11 @@ apt-get install -y -q "${backports[@]}" qemu-system-x86 qemu-utils e2fsprogs
 apt-get install -y -q \
   mmdebstrap ovmf grub-efi-amd64-bin grub-pc-bin mtools dosfstools fdisk xorriso \
   libarchive13 gpg dpkg-dev netcat-openbsd prometheus cloud-init python3-venv \
-  curl time util-linux ca-certificates
+  prometheus-node-exporter curl time util-linux ca-certificates
 
 # fakepve (the Proxmox VE API fake the integration tests run against), in a local venv.
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install -q --upgrade 'fakepve[crypto]'
+.venv/bin/pip install -q --upgrade 'fakepve[crypto]' 'check-jsonschema'
 echo "setup-host.sh: ready"

@@ -13,6 +13,7 @@ pub mod inspect;
 pub mod manifest;
 pub mod progress;
 pub mod provider;
+pub mod publish;
 pub mod remote;
 pub mod seed;
 pub mod spec;

@@ -68,6 +68,9 @@ pub struct Manifest {
     pub hygiene_removed: BTreeMap<String, usize>,
     /// Whether the root layer came from the cache.
     pub layer_cached: bool,
+    /// The root layer's cache key.
+    #[serde(default)]
+    pub layer_key: String,
     /// Seconds per build stage.
     pub stage_seconds: BTreeMap<String, f64>,
     /// Total build seconds.

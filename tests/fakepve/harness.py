@@ -148,10 +148,11 @@ class ImagectlPve(FakePve):
                 rule['times'] -= 1
                 if rule['times'] <= 0:
                     del self.task_failures[key]
-            return web.json_response({'data': await self._failing_task(request, path_node, rule['message'])})
+            return web.json_response({'data': await self._failing_task(request, path_node, rule['message'],
+                                                                        rule.get('delay', 0))})
         return await super()._answer(request, handler, generic, path_node)
 
-    async def _failing_task(self, request, path_node, message):
+    async def _failing_task(self, request, path_node, message, delay=0):
         from fakepve.server import USER
         node = path_node if path_node in self.nodes else sorted(self.nodes)[0]
         vmid = request.match_info.get('vmid', '')
@@ -160,6 +161,8 @@ class ImagectlPve(FakePve):
             vmid = found.group(1) if found else ''
 
         async def body():
+            if delay:
+                await asyncio.sleep(delay)  # real seconds: a task that runs long, then fails
             raise TaskError(message)
         return await self.task(node, request.path.rstrip('/').rsplit('/', 1)[-1], vmid,
                                request[USER] or 'root@pam', body)
@@ -367,7 +370,8 @@ def control_app(pve):
                 pve.fail(a['method'], a['suffix'], status=a.get('status'), message=a.get('message'),
                          error=a.get('error'), times=a.get('times'))
             elif cmd == 'fail-task':
-                pve.task_failures[(a['method'], a['suffix'])] = {'message': a['message'], 'times': a.get('times')}
+                pve.task_failures[(a['method'], a['suffix'])] = {'message': a['message'], 'times': a.get('times'),
+                                                                 'delay': float(a.get('delay') or 0)}
             elif cmd == 'clear-failures':
                 pve.failures.clear()
                 pve.task_failures.clear()

@@ -73,9 +73,14 @@ fn spec_error(yaml: &str) -> (i32, String) {
     let spec = dir.path().join("tiny.yaml");
     write(&spec, yaml);
     let o = build(&spec, &dir.path().join("out"), &[]);
-    assert!(!dir.path().join("out").read_dir().map(|mut d| d.any(|e| {
-        e.unwrap().path().extension().is_some_and(|x| x == "qcow2")
-    })).unwrap_or(false), "no image may be written on bad input");
+    assert!(
+        !dir.path()
+            .join("out")
+            .read_dir()
+            .map(|mut d| d.any(|e| { e.unwrap().path().extension().is_some_and(|x| x == "qcow2") }))
+            .unwrap_or(false),
+        "no image may be written on bad input"
+    );
     (o.status.code().unwrap_or(-1), stderr(&o))
 }
 
@@ -123,17 +128,33 @@ fn semantic_errors_exit_2_with_a_clear_message() {
 #[test]
 fn missing_spec_and_profile_exit_2() {
     let dir = tiny_copy();
-    let o = build(&dir.path().join("missing.yaml"), &dir.path().join("out"), &[]);
+    let o = build(
+        &dir.path().join("missing.yaml"),
+        &dir.path().join("out"),
+        &[],
+    );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    let o = build(&dir.path().join("tiny.yaml"), &dir.path().join("out"), &["--profile", "nosuch"]);
+    let o = build(
+        &dir.path().join("tiny.yaml"),
+        &dir.path().join("out"),
+        &["--profile", "nosuch"],
+    );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("profile \"nosuch\" not found"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("profile \"nosuch\" not found"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn locked_without_a_lock_exits_2_before_any_work() {
     let dir = tiny_copy();
-    let o = build(&dir.path().join("tiny.yaml"), &dir.path().join("out"), &["--locked"]);
+    let o = build(
+        &dir.path().join("tiny.yaml"),
+        &dir.path().join("out"),
+        &["--locked"],
+    );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
     assert!(!dir.path().join("tiny.lock").exists());
@@ -148,17 +169,37 @@ fn offline_profile_loads_and_swaps_the_unreachable_sources() {
     .unwrap();
     let s = &l.spec;
     assert!(!s.packages.iter().any(|p| p == "gitlab-runner"));
-    assert!(s.artifacts.is_empty(), "the GitHub cAdvisor artifact is swapped out");
+    assert!(
+        s.artifacts.is_empty(),
+        "the GitHub cAdvisor artifact is swapped out"
+    );
     assert!(s.apt_repositories.iter().all(|r| r.url == "host"));
-    assert!(s.apt_repositories.iter().any(|r| r.packages == ["cadvisor"]));
+    assert!(s
+        .apt_repositories
+        .iter()
+        .any(|r| r.packages == ["cadvisor"]));
     assert_eq!(s.local_packages.len(), 1);
-    assert!(l.resolve(&s.local_packages[0].dir).join("DEBIAN/control").is_file());
-    assert!(l.default_lock_path().ends_with("gitlab-runner.offline.lock"));
+    assert!(l
+        .resolve(&s.local_packages[0].dir)
+        .join("DEBIAN/control")
+        .is_file());
+    assert!(l
+        .default_lock_path()
+        .ends_with("gitlab-runner.offline.lock"));
     // Without the profile, the spec names GitLab's repository with a pinned key, and cAdvisor
     // from GitHub pinned by sha256.
-    let full = imagectl::spec::load(&workspace().join("image-specs/gitlab-runner.yaml"), &[]).unwrap();
-    let gl = full.spec.apt_repositories.iter().find(|r| r.name == "gitlab-runner").unwrap();
-    assert_eq!(gl.key_fingerprint.as_deref(), Some("F6403F6544A38863DAA0B6E03F01618A51312F3F"));
+    let full =
+        imagectl::spec::load(&workspace().join("image-specs/gitlab-runner.yaml"), &[]).unwrap();
+    let gl = full
+        .spec
+        .apt_repositories
+        .iter()
+        .find(|r| r.name == "gitlab-runner")
+        .unwrap();
+    assert_eq!(
+        gl.key_fingerprint.as_deref(),
+        Some("F6403F6544A38863DAA0B6E03F01618A51312F3F")
+    );
     assert_eq!(full.spec.artifacts[0].name, "cadvisor");
 }
 
@@ -169,7 +210,10 @@ fn image_path(v: &serde_json::Value) -> PathBuf {
 }
 
 fn file_in_image(image: &Path, path: &str) -> Option<Vec<u8>> {
-    imagectl::inspect::RootFs::open(image).unwrap().read(path).unwrap()
+    imagectl::inspect::RootFs::open(image)
+        .unwrap()
+        .read(path)
+        .unwrap()
 }
 
 #[test]
@@ -184,7 +228,10 @@ fn bake_cache_lock_and_reproducibility() {
     let first = json(&build(&spec, &out, &[]));
     assert!(lock.is_file(), "the first build writes the lock");
     let lock_text = std::fs::read_to_string(&lock).unwrap();
-    assert!(lock_text.contains("name = \"linux-image-cloud-amd64\""), "{lock_text}");
+    assert!(
+        lock_text.contains("name = \"linux-image-cloud-amd64\""),
+        "{lock_text}"
+    );
     assert!(lock_text.contains("sha256 = \""));
     let img1 = image_path(&first);
     let report = inspect(&img1);
@@ -219,28 +266,56 @@ fn bake_cache_lock_and_reproducibility() {
     // 3. Change a file: the layer is reused (warm) and the new content is in the image.
     write(&dir.path().join("files/hello.txt"), "changed\n");
     let warm = json(&build(&spec, &out, &[]));
-    assert_eq!(warm["layer_cached"], true, "a file change must reuse the layer");
-    assert_ne!(warm["version"], first["version"], "new content, new version");
-    assert_eq!(file_in_image(&image_path(&warm), "/etc/imagectl-test/hello.txt").unwrap(), b"changed\n");
+    assert_eq!(
+        warm["layer_key"], second["layer_key"],
+        "a file change must not change the layer key"
+    );
+    assert_eq!(
+        warm["layer_cached"], true,
+        "a file change must reuse the layer"
+    );
+    assert_ne!(
+        warm["version"], first["version"],
+        "new content, new version"
+    );
+    assert_eq!(
+        file_in_image(&image_path(&warm), "/etc/imagectl-test/hello.txt").unwrap(),
+        b"changed\n"
+    );
 
     // 4. --locked with a lock that no longer matches the spec's packages: exit 2, nothing built.
     let yaml = std::fs::read_to_string(&spec).unwrap();
-    write(&spec, &yaml.replace("  - systemd-sysv\n", "  - systemd-sysv\n  - less\n"));
+    write(
+        &spec,
+        &yaml.replace("  - systemd-sysv\n", "  - systemd-sysv\n  - less\n"),
+    );
     let before: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
     let o = build(&spec, &out, &["--locked"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("out of date"), "{}", stderr(&o));
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), before.len());
-    assert_eq!(std::fs::read_to_string(&lock).unwrap(), lock_text, "--locked never writes the lock");
+    assert_eq!(
+        std::fs::read_to_string(&lock).unwrap(),
+        lock_text,
+        "--locked never writes the lock"
+    );
 
     // 5. Without --locked, a package change rebuilds the layer (never a stale one) and updates the lock.
     let grown = json(&build(&spec, &out, &[]));
-    assert_eq!(grown["layer_cached"], false, "a package change must rebuild the layer");
-    let changes: Vec<String> =
-        serde_json::from_value(grown["lock_changes"].clone()).unwrap();
-    assert!(changes.iter().any(|c| c.starts_with("+ less ")), "{changes:?}");
+    assert_eq!(
+        grown["layer_cached"], false,
+        "a package change must rebuild the layer"
+    );
+    let changes: Vec<String> = serde_json::from_value(grown["lock_changes"].clone()).unwrap();
+    assert!(
+        changes.iter().any(|c| c.starts_with("+ less ")),
+        "{changes:?}"
+    );
     let pkgs = inspect(&image_path(&grown))["packages"].clone();
-    assert!(pkgs.as_array().unwrap().iter().any(|p| p["name"] == "less"), "less is installed");
+    assert!(
+        pkgs.as_array().unwrap().iter().any(|p| p["name"] == "less"),
+        "less is installed"
+    );
 
     // 6. --locked with the matching lock succeeds from the cache.
     let locked = json(&build(&spec, &out, &["--locked"]));

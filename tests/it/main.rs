@@ -1,9 +1,15 @@
 //! imagectl integration tests: one binary, one module per area.
 mod agent;
-mod bake;
 mod agent_cli;
+mod bake;
+mod docs;
 mod e2e_agent;
 mod e2e_image;
+mod fleet_gitlab;
+mod fleet_local;
+mod monitoring;
+mod publish;
+mod pve;
 mod runner_double;
 mod seed;
 mod vm;

@@ -45,7 +45,15 @@ fn build_bin(package: &str, bin: &str) -> PathBuf {
     assert!(status.success(), "building {bin} failed");
     let path = profile.join(bin);
     assert!(path.is_file(), "{} missing after build", path.display());
-    path
+    // A private copy: a concurrent `cargo build` may relink the original mid-run.
+    let dir = test_dir().join(format!("bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join(bin);
+    let _ = std::fs::remove_file(&copy);
+    if std::fs::hard_link(&path, &copy).is_err() {
+        std::fs::copy(&path, &copy).unwrap();
+    }
+    copy
 }
 
 /// Path of the `imagectl` binary.

@@ -199,9 +199,17 @@ pub fn plan(l: &Loaded, opt: &Options) -> Result<Plan> {
     let cache = Cache::open(&opt.cache_dir)?;
     let p = prepare(l, opt, &cache, work.path())?;
     Ok(Plan {
-        layer_cached: !opt.no_cache && cache.layer(&p.key).is_file() && cache.layer_meta(&p.key).is_file(),
+        layer_cached: !opt.no_cache
+            && cache.layer(&p.key).is_file()
+            && cache.layer_meta(&p.key).is_file(),
         layer_key: p.key,
-        sources: p.inputs.sources.iter().filter(|s| !s.starts_with('#')).cloned().collect(),
+        sources: p
+            .inputs
+            .sources
+            .iter()
+            .filter(|s| !s.starts_with('#'))
+            .cloned()
+            .collect(),
         includes: p.inputs.includes,
         local_debs: p.inputs.local_deb_paths,
         pinned: p.pinned,
@@ -223,10 +231,15 @@ struct Prepared {
 
 fn prepare(l: &Loaded, opt: &Options, _cache: &Cache, work: &Path) -> Result<Prepared> {
     let s = &l.spec;
-    let lock_path = opt.lock_path.clone().unwrap_or_else(|| l.default_lock_path());
+    let lock_path = opt
+        .lock_path
+        .clone()
+        .unwrap_or_else(|| l.default_lock_path());
     let old = Lock::read(&lock_path)?;
     let pkg_inputs = package_inputs(l)?;
-    let usable = old.as_ref().filter(|o| o.inputs == pkg_inputs && o.spec == s.name);
+    let usable = old
+        .as_ref()
+        .filter(|o| o.inputs == pkg_inputs && o.spec == s.name);
     if opt.locked {
         if opt.refresh_lock {
             return Err(input("--locked and --refresh-lock contradict each other"));
@@ -251,7 +264,9 @@ fn prepare(l: &Loaded, opt: &Options, _cache: &Cache, work: &Path) -> Result<Pre
     let pinned = if opt.refresh_lock { None } else { usable };
     let epoch = match env_epoch()? {
         Some(e) => e,
-        None => pinned.map(|p| p.source_date_epoch).unwrap_or_else(now_epoch),
+        None => pinned
+            .map(|p| p.source_date_epoch)
+            .unwrap_or_else(now_epoch),
     };
     let inputs = rootfs::layer_inputs(l, pinned.map(|p| p.packages.as_slice()), epoch, work)?;
     let key = inputs.key();
@@ -281,8 +296,15 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
 
     // 1. Lock, and what the layer needs.
     let st = progress.stage("lock");
-    let Prepared { lock_path, old, pkg_inputs, pinned, epoch, inputs, key } =
-        prepare(l, opt, &cache, work)?;
+    let Prepared {
+        lock_path,
+        old,
+        pkg_inputs,
+        pinned,
+        epoch,
+        inputs,
+        key,
+    } = prepare(l, opt, &cache, work)?;
     st.done(if pinned {
         format!("versions pinned by {}", lock_path.display())
     } else {
@@ -339,9 +361,13 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
             // (pinned) build of this lock reuses this layer instead of bootstrapping again.
             let alias = rootfs::layer_inputs(l, Some(&meta.packages), epoch, work)?.key();
             if alias != key {
-                for (from, to) in [(&layer_path, cache.layer(&alias)), (&meta_path, cache.layer_meta(&alias))] {
+                for (from, to) in [
+                    (&layer_path, cache.layer(&alias)),
+                    (&meta_path, cache.layer_meta(&alias)),
+                ] {
                     let _ = fs_err::remove_file(&to);
-                    fs_err::hard_link(from, &to).or_else(|_| fs_err::copy(from, &to).map(|_| ()))?;
+                    fs_err::hard_link(from, &to)
+                        .or_else(|_| fs_err::copy(from, &to).map(|_| ()))?;
                 }
             }
         }
@@ -528,6 +554,18 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
             mode: 0o644,
         },
     );
+    // For the node_exporter textfile collector: which image this VM came from, and how old its
+    // package set is (monitoring/README, contract 2). The qcow2's own sha256 cannot be inside it,
+    // so `sha256` is the inputs hash.
+    overlay.add.insert(
+        IMAGE_PROM.into(),
+        Add::File {
+            content: Content::Bytes(
+                image_prom(&s.name, &version, &inputs_hash, epoch).into_bytes(),
+            ),
+            mode: 0o644,
+        },
+    );
     let root_tar = work.join("root.tar");
     let report = layer::compose(&layer_path, &root_tar, &overlay, epoch)?;
     if !report.kernels.contains(&kernel) {
@@ -605,6 +643,7 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
             .map(|(k, v)| (k.clone(), v.len()))
             .collect(),
         layer_cached: cached,
+        layer_key: key.clone(),
         stage_seconds: stages,
         build_seconds: started.elapsed().as_secs_f64(),
         built_at: time::OffsetDateTime::now_utc()
@@ -623,6 +662,21 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
     })
 }
 
+/// Where the image's textfile metrics live.
+pub const IMAGE_PROM: &str = "/var/lib/prometheus/node-exporter/imagectl-image.prom";
+
+/// The image's textfile metrics.
+pub fn image_prom(name: &str, version: &str, inputs_hash: &str, epoch: i64) -> String {
+    format!(
+        "# HELP imagectl_image_info The imagectl golden image this VM was cloned from (always 1).\n\
+         # TYPE imagectl_image_info gauge\n\
+         imagectl_image_info{{name=\"{name}\",version=\"{version}\",sha256=\"{inputs_hash}\"}} 1\n\
+         # HELP imagectl_image_build_timestamp_seconds SOURCE_DATE_EPOCH of the image: when its package set was resolved, Unix time.\n\
+         # TYPE imagectl_image_build_timestamp_seconds gauge\n\
+         imagectl_image_build_timestamp_seconds {epoch}\n"
+    )
+}
+
 fn deb_field(deb: &Path, field: &str) -> Result<String> {
     let out = crate::util::run_output(Command::new("dpkg-deb").arg("--field").arg(deb).arg(field))?;
     Ok(out.trim().to_string())
@@ -639,4 +693,26 @@ pub fn qcow2_convert(raw: &Path, out: &Path) -> Result<()> {
         .arg(raw)
         .arg(out))
     .context("converting to qcow2 (apt-get install qemu-utils)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_textfile_matches_the_monitoring_contract() {
+        let readme = include_str!("../../../monitoring/README");
+        let block = readme
+            .split("BEGIN imagectl-image.prom\n")
+            .nth(1)
+            .and_then(|r| r.split("END imagectl-image.prom").next())
+            .expect("the contract block in monitoring/README");
+        let ours = image_prom(
+            "gitlab-runner",
+            "1.0-20250601-3f2a9c1e",
+            "9f2c1b7e0d4a5c6b8e3f1a2d4c6b8e0f1a3c5e7d9b1f3a5c7e9d1b3f5a7c9e1d",
+            1_748_736_000,
+        );
+        assert_eq!(ours, block);
+    }
 }

@@ -64,7 +64,11 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<i32> {
                 &p.layer_key[..16],
                 if p.layer_cached { "cached" } else { "to build" },
                 p.lock.display(),
-                if p.pinned { "versions pinned" } else { "resolving afresh" }
+                if p.pinned {
+                    "versions pinned"
+                } else {
+                    "resolving afresh"
+                }
             );
             for src in &p.sources {
                 s.push_str(&format!("  {src}\n"));
@@ -85,6 +89,7 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<i32> {
         "sha256": built.manifest.sha256,
         "size": built.manifest.size,
         "layer_cached": built.manifest.layer_cached,
+        "layer_key": built.manifest.layer_key,
         "build_seconds": built.manifest.build_seconds,
     });
     g.emit(&value, |_| {

@@ -1,12 +1,45 @@
-//! `imagectl deploy`.
+//! `imagectl deploy`: reconcile a fleet to N healthy runner VMs of an image.
+//!
+//! Exit code 0 when every VM came up (or nothing needed doing), 1 when any VM failed (each
+//! failure is rolled back and listed with what was cleaned), 2 for bad input.
 
 use super::Global;
+use crate::error::input;
+use crate::fleet::setup::{runtime, setup, AnyProvider, FleetArgs, TuneArgs};
+use anyhow::Result;
 
 /// Arguments of `imagectl deploy`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Fleet, provider, GitLab and image-store flags.
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    /// Number of healthy VMs wanted (default: [fleet.NAME] count).
+    #[arg(long, value_name = "N")]
+    pub count: Option<usize>,
+    /// Image: latest, a VERSION, or a path to a .qcow2 with its manifest. Given, VMs on other
+    /// versions are replaced (rolling); omitted, new VMs get the fleet's current version.
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// Sizing, timeouts and drain behaviour.
+    #[command(flatten)]
+    pub tune: TuneArgs,
+}
 
 /// Runs `imagectl deploy`.
-pub fn run(_g: &Global, _a: Args) -> anyhow::Result<i32> {
-    Err(crate::error::input("imagectl deploy is not available yet"))
+pub fn run(g: &Global, a: Args) -> Result<i32> {
+    let (s, choice) = setup(&a.fleet, &a.tune, true, a.image.as_deref())?;
+    let count = a.count.or(s.file.fleet.count).ok_or_else(|| {
+        input(format!(
+            "how many VMs? pass --count N (or set [fleet.{}] count)",
+            a.fleet.fleet
+        ))
+    })?;
+    let AnyProvider::Local(local) = &s.provider;
+    let report = runtime()?.block_on(async {
+        let mut f = s.fleet(local, g.quiet)?;
+        crate::fleet::deploy(&mut f, count, &choice).await
+    })?;
+    g.emit(&report, |r| r.text())?;
+    Ok(report.exit_code())
 }

@@ -1,12 +1,29 @@
-//! `imagectl destroy`.
+//! `imagectl destroy`: drain and delete every VM of a fleet, its runners and its seeds, then
+//! any orphan runner or seed of the fleet.
 
 use super::Global;
+use crate::fleet::setup::{runtime, setup, AnyProvider, FleetArgs, TuneArgs};
+use anyhow::Result;
 
 /// Arguments of `imagectl destroy`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Fleet, provider, GitLab and image-store flags.
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    /// Drain timeout, --force and concurrency.
+    #[command(flatten)]
+    pub tune: TuneArgs,
+}
 
 /// Runs `imagectl destroy`.
-pub fn run(_g: &Global, _a: Args) -> anyhow::Result<i32> {
-    Err(crate::error::input("imagectl destroy is not available yet"))
+pub fn run(g: &Global, a: Args) -> Result<i32> {
+    let (s, _) = setup(&a.fleet, &a.tune, true, None)?;
+    let AnyProvider::Local(local) = &s.provider;
+    let report = runtime()?.block_on(async {
+        let mut f = s.fleet(local, g.quiet)?;
+        crate::fleet::destroy(&mut f).await
+    })?;
+    g.emit(&report, |r| r.text())?;
+    Ok(report.exit_code())
 }

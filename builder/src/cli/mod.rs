@@ -116,6 +116,11 @@ enum Command {
     Man(man::Args),
 }
 
+/// The clap definition of the whole command line (completions, man pages, doc checks in tests).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 /// Runs the CLI; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();

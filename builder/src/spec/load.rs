@@ -269,8 +269,14 @@ fn check_dest(dest: &str, what: &str) -> Result<()> {
             "{what}: dest {dest:?} would break image hygiene ({rule} must not be baked into a golden image)"
         )));
     }
-    if dest == "/etc/machine-id" || dest == "/usr/local/bin/imagectl-agent" {
-        return Err(input(format!("{what}: dest {dest:?} is managed by imagectl")));
+    if dest == "/etc/machine-id"
+        || dest == "/usr/local/bin/imagectl-agent"
+        || dest == crate::bake::IMAGE_PROM
+        || dest == "/etc/imagectl/image.json"
+    {
+        return Err(input(format!(
+            "{what}: dest {dest:?} is managed by imagectl"
+        )));
     }
     Ok(())
 }

@@ -2,7 +2,10 @@
 //! starting QEMU.
 //!
 //! The layout follows what Proxmox gives a VM: q35, virtio-scsi (one controller, `scsi-hd`), the
-//! cloud-init seed on an AHCI cdrom, virtio-net, a virtio-serial guest-agent port. Networking is
+//! cloud-init seed as a SCSI cdrom on the same virtio-scsi controller, virtio-net, a
+//! virtio-serial guest-agent port. The seed is not on q35's AHCI (`ide.2`): Debian's cloud kernel
+//! (`linux-image-cloud-amd64`, which the image uses) is built without `SATA_AHCI`, so a guest
+//! never sees an AHCI cdrom, cloud-init falls back to DataSourceNone and the agent finds no seed. Networking is
 //! always QEMU user networking; nothing else is ever emitted.
 
 use super::{Accel, Firmware, NetPolicy};
@@ -156,7 +159,7 @@ pub fn qemu_args(plan: &LaunchPlan) -> Vec<OsString> {
                 p(iso)
             ),
             "-device",
-            "ide-cd,drive=seed0,bus=ide.2",
+            "scsi-cd,drive=seed0,bus=scsi0.0",
         ]);
     }
     push(&[
@@ -246,7 +249,7 @@ mod tests {
         let dev = values(&a, "-device");
         assert!(dev.contains(&"virtio-scsi-pci,id=scsi0"));
         assert!(dev.contains(&"scsi-hd,drive=disk0,bus=scsi0.0,bootindex=1"));
-        assert!(dev.contains(&"ide-cd,drive=seed0,bus=ide.2"));
+        assert!(dev.contains(&"scsi-cd,drive=seed0,bus=scsi0.0"));
         assert!(
             dev.contains(&"virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0")
         );

@@ -1,7 +1,7 @@
 //! Local virtual machines: QEMU processes and the guest agent protocol.
 //!
 //! * [`QemuVm`] boots an image on a throwaway qcow2 overlay (the image is never written), with
-//!   virtio-scsi disk, the seed ISO as an AHCI cdrom, serial console to a file, a guest-agent
+//!   virtio-scsi disk, the seed ISO as a virtio-scsi cdrom, serial console to a file, a guest-agent
 //!   channel, and QEMU user networking only: `restrict=on` by default, so a guest reaches nothing
 //!   outside this machine except the host ports it is explicitly forwarded to.
 //! * [`args`] builds QEMU's argument list as a pure function (tested without QEMU).

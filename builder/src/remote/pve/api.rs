@@ -198,7 +198,10 @@ impl PveClient {
     /// `GET /nodes/{node}/qemu/{vmid}/config`.
     pub async fn vm_config(&self, node: &str, vmid: u32) -> Result<VmConfig, PveError> {
         let v: Value = self
-            .get(&format!("/nodes/{}/qemu/{vmid}/config", seg(node)), Vec::new())
+            .get(
+                &format!("/nodes/{}/qemu/{vmid}/config", seg(node)),
+                Vec::new(),
+            )
             .await?;
         Ok(config_text(v))
     }
@@ -210,7 +213,9 @@ impl PveClient {
         storage: &str,
         content: Option<&str>,
     ) -> Result<Vec<Volume>, PveError> {
-        let q = content.map(|c| params([("content", c)])).unwrap_or_default();
+        let q = content
+            .map(|c| params([("content", c)]))
+            .unwrap_or_default();
         self.get(
             &format!("/nodes/{}/storage/{}/content", seg(node), seg(storage)),
             q,

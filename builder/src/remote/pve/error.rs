@@ -220,13 +220,28 @@ mod tests {
     fn api_errors_keep_status_message_and_fields() {
         let mut errs = BTreeMap::new();
         errs.insert("scsi0".into(), "invalid format\n".into());
-        let e = PveError::api("POST", "/nodes/pve1/qemu", 400, "Parameter verification failed.".into(), errs);
+        let e = PveError::api(
+            "POST",
+            "/nodes/pve1/qemu",
+            400,
+            "Parameter verification failed.".into(),
+            errs,
+        );
         let text = e.to_string();
-        assert!(text.contains("HTTP 400: Parameter verification failed."), "{text}");
+        assert!(
+            text.contains("HTTP 400: Parameter verification failed."),
+            "{text}"
+        );
         assert!(text.contains("scsi0: invalid format"), "{text}");
         let any = anyhow::Error::new(e);
         assert_eq!(crate::error::exit_code(&any), 2);
-        let e = PveError::api("POST", "/x", 500, "can't lock file '/var/lock/qemu-server/lock-100.conf' - got timeout".into(), BTreeMap::new());
+        let e = PveError::api(
+            "POST",
+            "/x",
+            500,
+            "can't lock file '/var/lock/qemu-server/lock-100.conf' - got timeout".into(),
+            BTreeMap::new(),
+        );
         assert!(e.is_lock_timeout());
         assert_eq!(crate::error::exit_code(&anyhow::Error::new(e)), 1);
     }

@@ -72,12 +72,9 @@ impl ApiToken {
     }
 
     fn header(&self) -> HeaderValue {
-        let mut v = HeaderValue::from_str(&format!(
-            "PVEAPIToken={}={}",
-            self.id,
-            self.secret.expose()
-        ))
-        .unwrap_or_else(|_| HeaderValue::from_static("PVEAPIToken=invalid"));
+        let mut v =
+            HeaderValue::from_str(&format!("PVEAPIToken={}={}", self.id, self.secret.expose()))
+                .unwrap_or_else(|_| HeaderValue::from_static("PVEAPIToken=invalid"));
         v.set_sensitive(true);
         v
     }
@@ -237,7 +234,11 @@ impl PveClient {
     ) -> Result<T, PveError> {
         let data = self.request(method.clone(), path, &params).await?;
         serde_json::from_value(data.clone()).map_err(|e| {
-            PveError::decode(method.as_str(), path, format!("{e} in {}", short_json(&data)))
+            PveError::decode(
+                method.as_str(),
+                path,
+                format!("{e} in {}", short_json(&data)),
+            )
         })
     }
 
@@ -335,7 +336,9 @@ impl PveClient {
                 )
             })?;
             return match body {
-                Value::Object(mut m) if m.contains_key("data") => Ok(m.remove("data").unwrap_or(Value::Null)),
+                Value::Object(mut m) if m.contains_key("data") => {
+                    Ok(m.remove("data").unwrap_or(Value::Null))
+                }
                 other => Err(PveError::decode(
                     method.as_str(),
                     path,
@@ -357,7 +360,13 @@ impl PveClient {
                 errors.insert(k.clone(), text.trim().to_string());
             }
         }
-        Err(PveError::api(method.as_str(), path, status.as_u16(), message, errors))
+        Err(PveError::api(
+            method.as_str(),
+            path,
+            status.as_u16(),
+            message,
+            errors,
+        ))
     }
 
     fn transport(&self, method: &Method, path: &str, e: reqwest::Error) -> PveError {
@@ -444,7 +453,14 @@ mod tests {
         let dbg = format!("{t:?}");
         assert!(!dbg.contains("0b4f-secret-value"), "{dbg}");
         assert!(t.header().is_sensitive());
-        for bad in ["", "imagectl@pve", "imagectl@pve!ci", "imagectl!ci=x", "imagectl@pve!=x", "a@b!c="] {
+        for bad in [
+            "",
+            "imagectl@pve",
+            "imagectl@pve!ci",
+            "imagectl!ci=x",
+            "imagectl@pve!=x",
+            "a@b!c=",
+        ] {
             let e = ApiToken::parse(bad).unwrap_err();
             assert!(e.contains("malformed"), "{e}");
         }
@@ -461,10 +477,16 @@ mod tests {
     #[test]
     fn writes_retry_only_on_transient_failures() {
         let e = |status, m: &str| PveError::api("POST", "/x", status, m.into(), BTreeMap::new());
-        let lock = e(500, "can't lock file '/var/lock/qemu-server/lock-100.conf' - got timeout");
+        let lock = e(
+            500,
+            "can't lock file '/var/lock/qemu-server/lock-100.conf' - got timeout",
+        );
         assert!(retryable(&Method::POST, &lock));
         assert!(retryable(&Method::POST, &e(503, "Service Unavailable")));
-        assert!(!retryable(&Method::POST, &e(500, "storage 'x' does not exist")));
+        assert!(!retryable(
+            &Method::POST,
+            &e(500, "storage 'x' does not exist")
+        ));
         assert!(retryable(&Method::GET, &e(500, "something")));
         assert!(!retryable(&Method::GET, &e(401, "authentication failure")));
     }

@@ -54,7 +54,9 @@ impl PveClient {
     /// longer than `timeout` a [`PveError::TaskTimeout`] (the task is asked to stop).
     pub async fn wait_task(&self, upid: &str, timeout: Duration) -> Result<(), PveError> {
         let node = upid_node(upid)
-            .ok_or_else(|| PveError::decode("GET", "/nodes/…/tasks", format!("not a UPID: {upid}")))?
+            .ok_or_else(|| {
+                PveError::decode("GET", "/nodes/…/tasks", format!("not a UPID: {upid}"))
+            })?
             .to_string();
         let path = format!("/nodes/{}/tasks/{}/status", seg(&node), seg(upid));
         let start = Instant::now();

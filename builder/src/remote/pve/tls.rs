@@ -247,7 +247,13 @@ mod tests {
 
     #[test]
     fn malformed_fingerprints_are_refused() {
-        for bad in ["", "AB:CD", &"ZZ:".repeat(32), &"ABC:".repeat(16), &"AB:".repeat(33)] {
+        for bad in [
+            "",
+            "AB:CD",
+            &"ZZ:".repeat(32),
+            &"ABC:".repeat(16),
+            &"AB:".repeat(33),
+        ] {
             let e = Fingerprint::parse(bad).unwrap_err();
             assert!(e.contains("malformed certificate fingerprint"), "{e}");
         }

@@ -79,11 +79,7 @@ impl PveClient {
         bar: &ProgressBar,
     ) -> Result<String, anyhow::Error> {
         use anyhow::Context;
-        let path = format!(
-            "/nodes/{}/storage/{}/upload",
-            seg(node),
-            seg(storage)
-        );
+        let path = format!("/nodes/{}/storage/{}/upload", seg(node), seg(storage));
         let mut attempt = 0;
         loop {
             let f = tokio::fs::File::open(file)
@@ -105,14 +101,23 @@ impl PveClient {
             bar.set_length(len);
             bar.set_position(0);
             let total = mp.content_length(len);
-            let body = body_stream(mp.preamble.clone(), f, len, mp.epilogue.clone(), bar.clone());
+            let body = body_stream(
+                mp.preamble.clone(),
+                f,
+                len,
+                mp.epilogue.clone(),
+                bar.clone(),
+            );
             let resp = self
                 .http
                 .request(Method::POST, self.url(&path))
                 .header(AUTHORIZATION, self.opts.token.header())
                 .header(
                     CONTENT_TYPE,
-                    HeaderValue::from_str(&format!("multipart/form-data; boundary={}", mp.boundary))?,
+                    HeaderValue::from_str(&format!(
+                        "multipart/form-data; boundary={}",
+                        mp.boundary
+                    ))?,
                 )
                 .header(CONTENT_LENGTH, total)
                 .body(reqwest::Body::wrap_stream(body))
@@ -128,7 +133,9 @@ impl PveClient {
                         .as_str()
                         .filter(|u| u.starts_with("UPID:"))
                         .map(str::to_string)
-                        .ok_or_else(|| PveError::decode("POST", &path, "expected a task id (UPID)").into())
+                        .ok_or_else(|| {
+                            PveError::decode("POST", &path, "expected a task id (UPID)").into()
+                        })
                 }
                 Err(e) if attempt + 1 < self.opts.attempts && upload_retryable(&e) => {
                     let delay = self.backoff(attempt);
@@ -152,11 +159,7 @@ impl PveClient {
         sha256: &str,
         verify_certificates: bool,
     ) -> Result<String, PveError> {
-        let path = format!(
-            "/nodes/{}/storage/{}/download-url",
-            seg(node),
-            seg(storage)
-        );
+        let path = format!("/nodes/{}/storage/{}/download-url", seg(node), seg(storage));
         self.post_task(
             &path,
             params([
@@ -165,7 +168,10 @@ impl PveClient {
                 ("filename", filename),
                 ("checksum", sha256),
                 ("checksum-algorithm", "sha256"),
-                ("verify-certificates", if verify_certificates { "1" } else { "0" }),
+                (
+                    "verify-certificates",
+                    if verify_certificates { "1" } else { "0" },
+                ),
             ]),
         )
         .await
@@ -200,7 +206,10 @@ fn body_stream(
             if n == 0 {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    format!("the image file shrank during the upload ({} of {len} bytes)", sent + buf.len() as u64),
+                    format!(
+                        "the image file shrank during the upload ({} of {len} bytes)",
+                        sent + buf.len() as u64
+                    ),
                 ));
             }
         }
@@ -240,7 +249,9 @@ mod tests {
         let text = String::from_utf8_lossy(&body);
         assert!(text.starts_with(&format!("--{}\r\n", mp.boundary)));
         assert!(text.ends_with(&format!("\r\n--{}--\r\n", mp.boundary)));
-        assert!(chunks.iter().all(|c| c.len() <= CHUNK.max(mp.preamble.len())));
+        assert!(chunks
+            .iter()
+            .all(|c| c.len() <= CHUNK.max(mp.preamble.len())));
     }
 
     #[test]
