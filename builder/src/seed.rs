@@ -33,7 +33,7 @@ pub const DEFAULT_SOURCE_DATE_EPOCH: i64 = 1_700_000_000;
 /// How the VM's network is configured.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Network {
-    /// DHCP on every ethernet interface (`en*`, `eth*`).
+    /// DHCP on the first NIC (`eth0`: images boot with `net.ifnames=0`).
     #[default]
     Dhcp,
     /// A fixed address on the first ethernet interface.
@@ -385,9 +385,9 @@ fn render_network(net: &Network) -> Result<String> {
     );
     let eth = doc
         .get_mut("ethernets")
-        .and_then(|e| e.get_mut("primary"))
+        .and_then(|e| e.get_mut("eth0"))
         .and_then(Value::as_mapping_mut)
-        .expect("static network template has ethernets.primary");
+        .expect("static network template has ethernets.eth0");
     eth.insert(
         yaml_str("addresses"),
         Value::Sequence(vec![yaml_str(&s.address)]),

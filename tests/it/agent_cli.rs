@@ -11,9 +11,6 @@ use imagectl_tests::gitlab_fake::{GitlabFake, NewRunnerParams};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The `imagectl-agent` binary, built once per test run with this test binary's profile and target
-/// dir (`CARGO_BIN_EXE_*` only exists for the binary's own package).
-
 fn write_seed(dir: &Path, gl: &GitlabFake, token: &imagectl_proto::Secret, id: u64) {
     let seed = AgentSeed {
         version: 1,

@@ -151,7 +151,7 @@ fn library_iso_has_the_nocloud_layout() {
     assert_eq!(md["local-hostname"].as_str(), Some("ci-01.example.com"));
     let nc: serde_yaml::Value = serde_yaml::from_str(&net).unwrap();
     assert_eq!(nc["version"].as_u64(), Some(2));
-    assert_eq!(nc["ethernets"]["en-all"]["dhcp4"].as_bool(), Some(true));
+    assert_eq!(nc["ethernets"]["eth0"]["dhcp4"].as_bool(), Some(true));
     let parsed: imagectl_proto::AgentSeed = serde_json::from_str(&agent_json).unwrap();
     assert_eq!(parsed.runner_token.expose(), TOKEN);
     assert_eq!(parsed.runner_id, 42);
@@ -179,11 +179,11 @@ fn seed_without_agent_and_with_static_network() {
     let nc: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(x.join("network-config")).unwrap()).unwrap();
     assert_eq!(
-        nc["ethernets"]["primary"]["addresses"][0].as_str(),
+        nc["ethernets"]["eth0"]["addresses"][0].as_str(),
         Some("192.0.2.10/24")
     );
     assert_eq!(
-        nc["ethernets"]["primary"]["routes"][0]["via"].as_str(),
+        nc["ethernets"]["eth0"]["routes"][0]["via"].as_str(),
         Some("192.0.2.1")
     );
     schema_ok(&x.join("user-data"));

@@ -339,7 +339,7 @@ pub fn layer_inputs(
         .trim()
         .to_string();
     Ok(LayerInputs {
-        recipe: 2,
+        recipe: 3,
         suite: s.base.suite.clone(),
         sources,
         includes,
@@ -392,8 +392,22 @@ pub fn bootstrap(
     if !inputs.includes.is_empty() {
         cmd.arg(format!("--include={}", inputs.includes.join(",")));
     }
-    for deb in &inputs.local_deb_paths {
-        cmd.arg(format!("--include={}", deb.display()));
+    // apt hands .deb paths to dpkg inside the chroot verbatim, so each local package must sit at
+    // the same path inside as outside: a fixed, content-addressed place under /tmp, copied in
+    // before the install and removed again before the layer is packed.
+    let mut staged = Vec::new();
+    for (deb, (name, sha)) in inputs.local_deb_paths.iter().zip(&inputs.local_debs) {
+        let dir = format!("/tmp/imagectl-debs/{sha}");
+        let inside = format!("{dir}/{name}.deb");
+        fs_err::create_dir_all(&dir)?;
+        fs_err::copy(deb, &inside)?;
+        staged.push(PathBuf::from(&dir));
+        cmd.arg(format!("--setup-hook=mkdir -p \"$1\"{dir}"))
+            .arg(format!("--setup-hook=copy-in {} {dir}/", quote(&inside)))
+            .arg(format!("--include={inside}"));
+    }
+    if !staged.is_empty() {
+        cmd.arg("--customize-hook=rm -rf \"$1\"/tmp/imagectl-debs");
     }
     for c in &inputs.chroot_commands {
         cmd.arg(format!("--customize-hook=chroot \"$1\" sh -c {}", quote(c)));
@@ -420,7 +434,11 @@ pub fn bootstrap(
         .stdout(logf.try_clone()?.into_parts().0)
         .stderr(logf.into_parts().0)
         .status()
-        .context("starting mmdebstrap (apt-get install mmdebstrap)")?;
+        .context("starting mmdebstrap (apt-get install mmdebstrap)");
+    for d in &staged {
+        let _ = fs_err::remove_dir_all(d);
+    }
+    let status = status?;
     if !status.success() {
         let text = fs_err::read_to_string(&log).unwrap_or_default();
         let hint = if text.contains("Unable to locate package")

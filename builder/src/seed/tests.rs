@@ -68,18 +68,18 @@ fn static_network_is_rendered() {
         dns: vec!["192.0.2.53".parse().unwrap()],
     });
     let v: Value = serde_yaml::from_str(&render(&cfg).unwrap().network_config).unwrap();
-    let p = &v["ethernets"]["primary"];
+    let p = &v["ethernets"]["eth0"];
     assert_eq!(v["version"], Value::Number(2.into()));
     assert_eq!(p["addresses"][0], yaml_str("192.0.2.10/24"));
     assert_eq!(p["routes"][0]["via"], yaml_str("192.0.2.1"));
     assert_eq!(p["routes"][0]["to"], yaml_str("0.0.0.0/0"));
     assert_eq!(p["nameservers"]["addresses"][0], yaml_str("192.0.2.53"));
     let dhcp: Value = serde_yaml::from_str(&render_network(&Network::Dhcp).unwrap()).unwrap();
-    assert_eq!(
-        dhcp["ethernets"]["en-all"]["match"]["name"],
-        yaml_str("en*")
+    assert_eq!(dhcp["ethernets"]["eth0"]["dhcp4"], Value::Bool(true));
+    assert!(
+        dhcp["ethernets"]["eth0"].get("match").is_none(),
+        "the eni renderer cannot express match"
     );
-    assert_eq!(dhcp["ethernets"]["eth-all"]["dhcp4"], Value::Bool(true));
 }
 
 #[test]
