@@ -5,7 +5,11 @@
 //! * `POST /api/v4/runners/reset_authentication_token` `{token}` — 200/201 → a new token; the old one
 //!   is dead. Retried on network errors, 5xx and 429 (a 429 was not processed, so retrying is safe).
 //!
-//! Retries use exponential backoff with jitter inside a total time budget. Request bodies are never
+//! Retries use exponential backoff with jitter inside a total time budget. A TLS certificate that
+//! does not verify (unknown issuer, wrong name, …) is not retried: it cannot start to verify
+//! later, and retrying would only hold the boot for the whole budget. The exception is a
+//! certificate outside its validity period, which a guest clock not yet synchronised at first
+//! boot can cause; that is retried like a network error. Request bodies are never
 //! logged; error texts carry the status and GitLab's short `message` at most, and pass through
 //! [`crate::log::redact`] in case a server ever echoes the token.
 
@@ -62,6 +66,11 @@ pub enum CallError {
         /// What went wrong, redacted.
         message: String,
     },
+    /// The server's TLS certificate was rejected for a reason retrying cannot fix.
+    Certificate {
+        /// The TLS error, redacted.
+        message: String,
+    },
     /// The budget ran out while the call kept failing transiently.
     Exhausted {
         /// Attempts made.
@@ -75,6 +84,10 @@ impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CallError::Final { status, message } => write!(f, "HTTP {status}: {message}"),
+            CallError::Certificate { message } => write!(
+                f,
+                "the server's TLS certificate was rejected (not retried; check gitlab_url and the seed's ca_bundle): {message}"
+            ),
             CallError::Exhausted { attempts, last } => {
                 write!(
                     f,
@@ -200,7 +213,14 @@ impl Gitlab {
                         message: message_of(&text),
                     });
                 }
-                Err(e) => redact(&format!("{e:#}")),
+                Err(e) => {
+                    let text = redact(&format!("{e:#}"));
+                    if is_permanent_tls_failure(&text) {
+                        crate::info!("POST {path}: {text} (attempt {attempts}, final)");
+                        return Err(CallError::Certificate { message: text });
+                    }
+                    text
+                }
             };
             let pause = jitter(backoff);
             if Instant::now() + pause >= deadline {
@@ -237,6 +257,18 @@ impl Gitlab {
             .with_context(|| format!("reading the response to {url}"))?;
         Ok((status, text))
     }
+}
+
+/// True for a certificate verification failure that cannot go away by itself: anything rustls
+/// reports as an invalid peer certificate except `Expired*`/`NotValidYet*` (the guest clock may be
+/// wrong right after boot). Matched on the text because ureq wraps the rustls error in an
+/// `io::Error`.
+fn is_permanent_tls_failure(text: &str) -> bool {
+    let Some(at) = text.find("invalid peer certificate") else {
+        return false;
+    };
+    let reason = &text[at..];
+    !(reason.contains("Expired") || reason.contains("NotValidYet"))
 }
 
 /// GitLab's short error `message` (or `error`) from a response body, redacted and truncated; never
@@ -300,6 +332,28 @@ mod tests {
             "(no message)"
         );
         assert!(message_of(&format!(r#"{{"error":"{}"}}"#, "é".repeat(300))).ends_with('…'));
+    }
+
+    #[test]
+    fn certificate_failures_are_classified() {
+        assert!(is_permanent_tls_failure(
+            "io: invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))"
+        ));
+        assert!(is_permanent_tls_failure(
+            "io: invalid peer certificate: UnknownIssuer"
+        ));
+        assert!(is_permanent_tls_failure(
+            "io: invalid peer certificate: NotValidForName"
+        ));
+        assert!(!is_permanent_tls_failure(
+            "io: invalid peer certificate: Expired"
+        ));
+        assert!(!is_permanent_tls_failure(
+            "io: invalid peer certificate: NotValidYetContext { time: .. }"
+        ));
+        assert!(!is_permanent_tls_failure(
+            "io: Connection refused (os error 111)"
+        ));
     }
 
     #[test]

@@ -36,7 +36,6 @@ plan=$("$bin" build "$spec" --profile offline --dry-run --output json --cache-di
 suite=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["sources"][0].split()[2])' "$plan")
 mapfile -t sources < <(python3 -c 'import json,sys; [print(s) for s in json.loads(sys.argv[1])["sources"]]' "$plan")
 includes=$(python3 -c 'import json,sys; print(",".join(json.loads(sys.argv[1])["includes"]))' "$plan")
-mapfile -t debs < <(python3 -c 'import json,sys; [print(s) for s in json.loads(sys.argv[1])["local_debs"]]' "$plan")
 prefdir=$work/pref; mkdir -p "$prefdir"
 printf 'Package: *\nPin: release n=bullseye\nPin-Priority: 100\n\nPackage: cadvisor\nPin: release n=bullseye\nPin-Priority: 990\n' > "$prefdir/p"
 debcache=$cache/debs/$suite
@@ -44,8 +43,12 @@ debcache=$cache/debs/$suite
 floor() {
   local d=$work/floor; rm -rf "$d"; mkdir -p "$d"
   # The local .deb is built by hand too, as imagectl does.
-  dpkg-deb --root-owner-group -Zxz --build tests/gitlab-runner-double/pkg "$d/double.deb" > /dev/null
-  local incl=(); for x in "${debs[@]}"; do incl+=("--include=$d/double.deb"); done
+  # dpkg runs inside the chroot, so the .deb must be at the same path inside (as imagectl does).
+  local staged=/tmp/imagectl-bench-debs
+  mkdir -p "$staged"
+  dpkg-deb --root-owner-group -Zxz --build tests/gitlab-runner-double/pkg "$staged/double.deb" > /dev/null
+  local incl=("--setup-hook=mkdir -p \"\$1\"$staged" "--setup-hook=copy-in $staged/double.deb $staged/"
+              "--include=$staged/double.deb" "--customize-hook=rm -rf \"\$1\"$staged")
   mmdebstrap --quiet --variant=minbase --mode=root --skip=essential/unlink \
     --aptopt='APT::Install-Recommends "false"' --dpkgopt=force-unsafe-io \
     --setup-hook="mkdir -p \"\$1\"/etc/apt/preferences.d \"\$1\"/var/cache/apt/archives && cp $prefdir/p \"\$1\"/etc/apt/preferences.d/" \

@@ -105,7 +105,8 @@ fn verify_status(gl: &GitlabFake, token: &Secret) -> u16 {
         .as_u16()
 }
 
-/// The guest agent, reconnecting when the connection breaks (reboots, slow TCG).
+/// The guest agent, reconnecting when the connection breaks (reboots, slow TCG). QEMU's chardev
+/// socket serves one client at a time: keep a single `Guest` alive, never two.
 struct Guest {
     socket: PathBuf,
     qga: Option<Qga>,
@@ -307,6 +308,7 @@ fn assert_no_token_in_tree(
 ) -> usize {
     let mut argv = vec![
         "/bin/tar",
+        "--one-file-system",
         "-C",
         "/",
         "--ignore-failed-read",
@@ -320,6 +322,11 @@ fn assert_no_token_in_tree(
     let rel: Vec<String> = dirs.iter().map(|d| format!(".{d}")).collect();
     argv.extend(rel.iter().map(String::as_str));
     let tar = g.output(&argv, &[1]);
+    assert!(
+        tar.len() >= 1024 && tar[tar.len() - 1024..].iter().all(|b| *b == 0),
+        "the tar of {dirs:?} is truncated ({} bytes)",
+        tar.len()
+    );
     let members = tar_members(&tar);
     assert!(!members.is_empty(), "tar of {dirs:?} is empty");
     for (name, body) in &members {
@@ -568,11 +575,14 @@ fn e2e_agent_registers_runner_at_first_boot() {
         .managers
         .into_keys()
         .collect();
-    assert_eq!(managers, [want_sid.clone()], "exactly one runner manager");
+    assert_eq!(
+        managers,
+        std::slice::from_ref(&want_sid),
+        "exactly one runner manager"
+    );
 
     // --- timings: agent registered vs cloud-init final, same boot, same clock -------------------
     let final_by = Instant::now() + Duration::from_secs(300);
-    let mut g = Guest::new(&vm);
     let cloud_final_s = {
         let mut v = None;
         while v.is_none() {
@@ -591,17 +601,29 @@ fn e2e_agent_registers_runner_at_first_boot() {
         .active_enter_s("imagectl-agent.service")
         .expect("imagectl-agent.service active");
     let agent_registered_s = status.finished_uptime_s.expect("finished_uptime_s");
+    // What gates the agent's start: network-online.target, which cloud-init's network stage
+    // (cloud-init.service, SSH host key generation included) orders itself before.
+    let network_online_s = g
+        .active_enter_s("network-online.target")
+        .unwrap_or(f64::NAN);
+    let cloud_init_net_s = g.active_enter_s("cloud-init.service").unwrap_or(f64::NAN);
+    let networking_s = g.active_enter_s("networking.service").unwrap_or(f64::NAN);
     let cloud_init = g.text(&["/usr/bin/cloud-init", "status", "--long"]);
     assert!(cloud_init.contains("done"), "cloud-init: {cloud_init}");
     eprintln!(
         "E2E-TIMING agent_registered_s={agent_registered_s:.1} cloud_final_s={cloud_final_s:.1} \
          agent_unit_active_s={agent_unit_s:.1} agent_started_s={:.1} host_observed_registered_s={host_observed_s:.1} \
+         networking_s={networking_s:.1} cloud_init_network_stage_s={cloud_init_net_s:.1} network_online_s={network_online_s:.1} \
          clock=guest-kernel-uptime firmware=bios accel=tcg",
         status.started_uptime_s.unwrap_or(f64::NAN)
     );
-    // Goal (issue 3): registered no later than cloud-init's final stage.
+    // Goal (issue 3, tracked in docs/performance.md): registered no later than cloud-init's final
+    // stage. Both figures are seconds since the guest kernel started (/proc/uptime for the agent's
+    // finished_uptime_s, CLOCK_MONOTONIC for systemd's ActiveEnterTimestampMonotonic of the
+    // oneshot cloud-final.service, i.e. when the final stage finished; no suspend in a test VM, so
+    // the clocks agree).
     assert!(
-        agent_registered_s <= cloud_final_s + 1.0,
+        agent_registered_s <= cloud_final_s,
         "goal missed: registered at {agent_registered_s:.1}s, cloud-final at {cloud_final_s:.1}s"
     );
 
@@ -623,20 +645,29 @@ fn e2e_agent_registers_runner_at_first_boot() {
         n > 5,
         "/var/lib/cloud has only {n} entries: is cloud-init done?"
     );
-    assert_no_token_in_tree(
-        &mut g,
-        &[
-            "/etc",
-            "/var/lib/imagectl",
-            "/var/log",
-            "/var/tmp",
-            "/tmp",
-            "/root",
-            "/run",
-        ],
-        &["etc/gitlab-runner/config.toml"],
-        &tokens,
-    );
+    // Every other place a copy could land, one tar each (qemu-ga caps captured output at 16 MiB
+    // and is slow under TCG with big answers). The journal's own files are left out: the journal
+    // was searched above through journalctl.
+    for dir in [
+        "/etc",
+        "/var/lib/imagectl",
+        "/var/log",
+        "/var/tmp",
+        "/tmp",
+        "/root",
+        "/run",
+    ] {
+        assert_no_token_in_tree(
+            &mut g,
+            &[dir],
+            &[
+                "etc/gitlab-runner/config.toml",
+                "var/log/journal",
+                "run/log/journal",
+            ],
+            &tokens,
+        );
+    }
     // Arguments and environment of every process now running (the double included).
     let procs = g.output(
         &[

@@ -7,9 +7,10 @@
 //!   register with distinct runner ids and system_ids → re-deploy is a no-op → status shows both
 //!   online/registered with node_exporter up → targets → rollback to the previous image version
 //!   replaces both → destroy leaves nothing (no QEMU, no runner at the fake, no files, no seed).
-//! * `fleet_local_faults`: GitLab 5xx on create, a per-VM timeout, Ctrl-C while booting, and the
-//!   agent reporting `failed` (verify answered 403): each exits non-zero and leaves 0 VMs, 0 QEMU
-//!   processes, 0 runners, 0 seeds.
+//! * `fleet_local_faults`: GitLab 5xx on create, a per-VM timeout, Ctrl-C while booting: each
+//!   exits non-zero and leaves 0 VMs, 0 QEMU processes, 0 runners, 0 seeds.
+//! * `fleet_local_agent_failed`: the agent reports `failed` (verify answered 403 by the fake):
+//!   the same, after one full boot.
 //!
 //! Both scan every output and every state file for token bytes (the admin token and every
 //! runner token the fake saw). Boots are expensive here (TCG, two shared cores), so each test
@@ -293,7 +294,7 @@ fn fleet_local_e2e() {
 
     // --- deploy 2 (latest = the new version); a concurrent deploy is refused by the lock -------
     let t = Instant::now();
-    let mut first = env
+    let first = env
         .command(&[
             "deploy", "--fleet", fleet, "--count", "2", "--image", "latest", "--output", "json",
         ])
@@ -504,7 +505,7 @@ fn fleet_local_faults() {
 
     // Ctrl-C while booting: rolled back, exit non-zero.
     let fleet = "flint";
-    let mut child = env
+    let child = env
         .command(&["deploy", "--fleet", fleet, "--count", "1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -531,6 +532,14 @@ fn fleet_local_faults() {
         stderr(&out)
     );
     env.assert_nothing_left(fleet);
+    env.assert_no_tokens(&[]);
+}
+
+#[test]
+fn fleet_local_agent_failed() {
+    let _g = heavy();
+    let image = offline_image();
+    let mut env = Env::new(image.parent().expect("image dir"));
 
     // The agent reports failed (verify answered 403): runner, VM and seed rolled back.
     let fleet = "flfail";

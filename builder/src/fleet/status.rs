@@ -112,8 +112,10 @@ pub async fn status<P: Provider>(
 ) -> Result<Vec<VmStatus>> {
     let mut vms = p.list(Some(fleet)).await?;
     vms.sort_by(|a, b| (&a.created_at, &a.name).cmp(&(&b.created_at, &b.name)));
+    // A full node_exporter scrape of a busy VM (or one under software emulation) can take
+    // several seconds; a slow answer is still an answer.
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(20))
         .build()
         .map_err(|e| anyhow::anyhow!("creating an HTTP client: {e}"))?;
     let mut rows: Vec<VmStatus> = stream::iter(vms)

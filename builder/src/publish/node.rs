@@ -246,10 +246,11 @@ async fn create_vm(
             ("cores", req.cores.to_string()),
             ("memory", req.memory.to_string()),
         ]);
+        // UEFI stays on PVE's default i440fx machine: on q35 a seed on ide2 sits behind AHCI,
+        // which Debian's cloud kernel does not have, so the VM would never see its seed.
         if req.firmware == Firmware::Uefi {
             form.extend(params([
                 ("bios", "ovmf".to_string()),
-                ("machine", "q35".into()),
                 (
                     "efidisk0",
                     format!("{}:1,efitype=4m,pre-enrolled-keys=0", req.storage),
