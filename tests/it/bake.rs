@@ -331,3 +331,24 @@ fn bake_cache_lock_and_reproducibility() {
     assert!(stderr(&o).contains("resolution differs"), "{}", stderr(&o));
     assert_eq!(std::fs::read_to_string(&lock).unwrap(), tampered);
 }
+
+#[test]
+fn unreachable_source_fails_fast_naming_it_and_the_offline_profile() {
+    // GitLab's repository and GitHub releases cannot be reached from the machines this suite runs
+    // on; the default spec needs both. The build must stop before any bootstrap, quickly, and say
+    // which source failed and that `--profile offline` exists.
+    let out = tempfile::tempdir().unwrap();
+    let (_, _) = (imagectl_bin(), agent_bin());
+    let t = std::time::Instant::now();
+    let o = build(
+        &workspace().join("image-specs/gitlab-runner.yaml"),
+        out.path(),
+        &["--lock", &out.path().join("x.lock").to_string_lossy()],
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("packages.gitlab.com"), "names the source: {err}");
+    assert!(err.contains("--profile offline"), "names the profile: {err}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(45), "took {:?}", t.elapsed());
+    assert!(!out.path().join("x.lock").exists(), "no lock is written");
+}

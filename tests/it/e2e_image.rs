@@ -146,3 +146,75 @@ fn e2e_image_boots_under_bios_and_uefi_and_inspects_clean() {
     assert_eq!(v["passed"], true, "report not passed");
     assert_eq!(code, 0, "imagectl test exit code; stderr: {stderr}");
 }
+
+/// A manifest beside the image with `boot_modes` (every other field a placeholder).
+fn write_manifest(image: &std::path::Path, modes: &[&str]) {
+    let m = serde_json::json!({
+        "format": 1, "name": "blank", "version": "0", "image": "blank.qcow2",
+        "sha256": "0".repeat(64), "size": 0, "virtual_size": 0,
+        "spec_hash": "0".repeat(64), "lock_hash": "0".repeat(64), "inputs_hash": "0".repeat(64),
+        "profiles": [], "boot_modes": modes, "kernel": "none", "root_fs_uuid": "none",
+        "source_date_epoch": 0, "packages": [], "artifacts": [], "hygiene_removed": {},
+        "layer_cached": false, "stage_seconds": {}, "build_seconds": 0.0,
+        "built_at": "1970-01-01T00:00:00Z", "imagectl_version": "0",
+    });
+    std::fs::write(
+        imagectl::manifest::Manifest::path_for(image),
+        serde_json::to_vec_pretty(&m).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Without `--firmware`, `imagectl test` boots with the firmwares the manifest beside the image
+/// lists (a hybrid image: SeaBIOS, then OVMF), SeaBIOS alone without a manifest, and the flag
+/// still overrides. A blank disk and a one-second timeout keep this cheap: only which boots were
+/// made is looked at (their checks fail, so the exit code is 1).
+#[test]
+fn imagectl_test_defaults_to_the_manifest_boot_modes() {
+    let _g = heavy();
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("blank.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let boots = |extra: &[&str]| -> Vec<String> {
+        let (code, v, stderr) = run_json(
+            Command::new(imagectl_bin())
+                .arg("test")
+                .arg(&image)
+                .args([
+                    "--timeout",
+                    "1",
+                    "--accel",
+                    "tcg",
+                    "--memory",
+                    "128",
+                    "--cpus",
+                    "1",
+                ])
+                .args(["--output", "json", "--quiet"])
+                .args(extra),
+        );
+        assert_eq!(code, 1, "a blank disk cannot pass; stderr: {stderr}");
+        v["boots"]
+            .as_array()
+            .expect("boots")
+            .iter()
+            .map(|b| b["firmware"].as_str().unwrap_or("?").to_owned())
+            .collect()
+    };
+    assert_eq!(boots(&[]), ["bios"], "no manifest: SeaBIOS");
+    write_manifest(&image, &["bios", "uefi"]);
+    assert_eq!(boots(&[]), ["bios", "uefi"], "hybrid manifest: both");
+    assert_eq!(
+        boots(&["--firmware", "uefi"]),
+        ["uefi"],
+        "the flag overrides"
+    );
+    write_manifest(&image, &["uefi"]);
+    assert_eq!(boots(&[]), ["uefi"], "UEFI-only manifest");
+}
