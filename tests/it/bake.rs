@@ -347,8 +347,18 @@ fn unreachable_source_fails_fast_naming_it_and_the_offline_profile() {
     );
     let err = stderr(&o);
     assert!(!o.status.success(), "{err}");
-    assert!(err.contains("packages.gitlab.com"), "names the source: {err}");
-    assert!(err.contains("--profile offline"), "names the profile: {err}");
-    assert!(t.elapsed() < std::time::Duration::from_secs(45), "took {:?}", t.elapsed());
+    assert!(
+        err.contains("packages.gitlab.com"),
+        "names the source: {err}"
+    );
+    assert!(
+        err.contains("--profile offline"),
+        "names the profile: {err}"
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(45),
+        "took {:?}",
+        t.elapsed()
+    );
     assert!(!out.path().join("x.lock").exists(), "no lock is written");
 }
