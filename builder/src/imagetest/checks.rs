@@ -7,6 +7,9 @@ use crate::vm::{self, QemuVm, Qga};
 use anyhow::Result;
 use std::time::Duration;
 
+/// How long one HTTP check may take to answer.
+const HTTP_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// How a check decides.
 #[derive(Debug, Clone)]
 pub(super) enum Probe {
@@ -182,7 +185,9 @@ pub(super) fn poll_one(vm: &QemuVm, check: &Check, qga: &mut Option<Qga>) -> Pol
             let Some(port) = vm.host_port(*guest_port) else {
                 return Poll::Fail(format!("guest port {guest_port} is not forwarded"));
             };
-            match vm::http_get(port, path, Duration::from_secs(2)) {
+            // node_exporter's full scrape can take several seconds under TCG on a loaded host; a
+            // short timeout turned a slow answer into minutes of "no answer yet".
+            match vm::http_get(port, path, HTTP_CHECK_TIMEOUT) {
                 Ok(r) if r.status == 200 && r.body.contains(needle) => {
                     Poll::Pass(format!("{path} has {needle}"))
                 }
