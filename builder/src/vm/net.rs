@@ -66,11 +66,12 @@ pub fn http_get(port: u16, path: &str, timeout: Duration) -> Result<HttpResponse
         .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
     s.set_write_timeout(Some(timeout))
         .context("setting write timeout")?;
-    write!(
-        s,
+    // One write: some small HTTP servers read the request head with a single read.
+    let request = format!(
         "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: imagectl\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-    )
-    .with_context(|| format!("sending GET {path} to 127.0.0.1:{port}"))?;
+    );
+    s.write_all(request.as_bytes())
+        .with_context(|| format!("sending GET {path} to 127.0.0.1:{port}"))?;
     let mut raw = Vec::new();
     let mut buf = [0u8; 16384];
     loop {
@@ -150,9 +151,14 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         std::thread::spawn(move || {
             let (mut c, _) = l.accept().unwrap();
-            let mut req = [0u8; 1024];
-            let n = c.read(&mut req).unwrap();
-            assert!(String::from_utf8_lossy(&req[..n]).starts_with("GET /metrics HTTP/1.0\r\n"));
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = c.read(&mut buf).unwrap();
+                assert!(n > 0, "client closed before the end of its request");
+                req.extend_from_slice(&buf[..n]);
+            }
+            assert!(String::from_utf8_lossy(&req).starts_with("GET /metrics HTTP/1.0\r\n"));
             c.write_all(answer.as_bytes()).unwrap();
         });
         port
