@@ -5,7 +5,7 @@
 
 use super::Global;
 use crate::error::input;
-use crate::fleet::setup::{runtime, setup, AnyProvider, FleetArgs, TuneArgs};
+use crate::fleet::setup::{runtime, setup, FleetArgs, TuneArgs};
 use anyhow::Result;
 
 /// Arguments of `imagectl deploy`.
@@ -21,6 +21,10 @@ pub struct Args {
     /// versions are replaced (rolling); omitted, new VMs get the fleet's current version.
     #[arg(long, value_name = "IMAGE")]
     pub image: Option<String>,
+    /// Replace only one VM that is not on --image (new one online first) and leave the rest:
+    /// the canary step of a rollout. Without --image it changes nothing.
+    #[arg(long)]
+    pub canary: bool,
     /// Sizing, timeouts and drain behaviour.
     #[command(flatten)]
     pub tune: TuneArgs,
@@ -35,10 +39,9 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
             a.fleet.fleet
         ))
     })?;
-    let AnyProvider::Local(local) = &s.provider;
     let report = runtime()?.block_on(async {
-        let mut f = s.fleet(local, g.quiet)?;
-        crate::fleet::deploy(&mut f, count, &choice).await
+        let mut f = s.fleet(g.quiet)?;
+        crate::fleet::deploy(&mut f, count, &choice, a.canary).await
     })?;
     g.emit(&report, |r| r.text())?;
     Ok(report.exit_code())

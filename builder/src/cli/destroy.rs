@@ -2,7 +2,7 @@
 //! any orphan runner or seed of the fleet.
 
 use super::Global;
-use crate::fleet::setup::{runtime, setup, AnyProvider, FleetArgs, TuneArgs};
+use crate::fleet::setup::{runtime, setup, FleetArgs, TuneArgs};
 use anyhow::Result;
 
 /// Arguments of `imagectl destroy`.
@@ -19,9 +19,8 @@ pub struct Args {
 /// Runs `imagectl destroy`.
 pub fn run(g: &Global, a: Args) -> Result<i32> {
     let (s, _) = setup(&a.fleet, &a.tune, true, None)?;
-    let AnyProvider::Local(local) = &s.provider;
     let report = runtime()?.block_on(async {
-        let mut f = s.fleet(local, g.quiet)?;
+        let mut f = s.fleet(g.quiet)?;
         crate::fleet::destroy(&mut f).await
     })?;
     g.emit(&report, |r| r.text())?;

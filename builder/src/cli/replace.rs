@@ -2,7 +2,7 @@
 //! drained (paused, running jobs finished, runner deleted, VM destroyed).
 
 use super::Global;
-use crate::fleet::setup::{runtime, setup, AnyProvider, FleetArgs, TuneArgs};
+use crate::fleet::setup::{runtime, setup, FleetArgs, TuneArgs};
 use anyhow::Result;
 
 /// Arguments of `imagectl replace`.
@@ -25,9 +25,8 @@ pub struct Args {
 /// Runs `imagectl replace`.
 pub fn run(g: &Global, a: Args) -> Result<i32> {
     let (s, _) = setup(&a.fleet, &a.tune, true, None)?;
-    let AnyProvider::Local(local) = &s.provider;
     let report = runtime()?.block_on(async {
-        let mut f = s.fleet(local, g.quiet)?;
+        let mut f = s.fleet(g.quiet)?;
         crate::fleet::replace(&mut f, &a.vms, a.image.as_deref()).await
     })?;
     g.emit(&report, |r| r.text())?;

@@ -2,7 +2,7 @@
 //! rolling: a failed new VM aborts the rollout and leaves the old VMs serving.
 
 use super::Global;
-use crate::fleet::setup::{runtime, setup, AnyProvider, FleetArgs, TuneArgs};
+use crate::fleet::setup::{runtime, setup, FleetArgs, TuneArgs};
 use anyhow::Result;
 
 /// Arguments of `imagectl rollback`.
@@ -22,9 +22,8 @@ pub struct Args {
 /// Runs `imagectl rollback`.
 pub fn run(g: &Global, a: Args) -> Result<i32> {
     let (s, _) = setup(&a.fleet, &a.tune, true, None)?;
-    let AnyProvider::Local(local) = &s.provider;
     let report = runtime()?.block_on(async {
-        let mut f = s.fleet(local, g.quiet)?;
+        let mut f = s.fleet(g.quiet)?;
         crate::fleet::rollback(&mut f, a.to.as_deref()).await
     })?;
     g.emit(&report, |r| r.text())?;

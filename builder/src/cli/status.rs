@@ -5,7 +5,7 @@
 //! 1 otherwise (so scripts and monitors can use it); 2 for bad input.
 
 use super::Global;
-use crate::fleet::setup::{runtime, setup, AnyProvider, FleetArgs, TuneArgs};
+use crate::fleet::setup::{runtime, setup, FleetArgs, TuneArgs};
 use crate::fleet::VmStatus;
 use anyhow::Result;
 use serde::Serialize;
@@ -68,9 +68,8 @@ fn table(o: &Out) -> String {
 /// Runs `imagectl status`.
 pub fn run(g: &Global, a: Args) -> Result<i32> {
     let (s, _) = setup(&a.fleet, &TuneArgs::default(), false, None)?;
-    let AnyProvider::Local(local) = &s.provider;
     let gitlab = s.gitlab.as_ref().map(|(c, _)| c);
-    let vms = runtime()?.block_on(crate::fleet::status(local, gitlab, &a.fleet.fleet))?;
+    let vms = runtime()?.block_on(crate::fleet::status(&s.provider, gitlab, &a.fleet.fleet))?;
     let out = Out {
         fleet: a.fleet.fleet.clone(),
         healthy: vms.iter().all(healthy),

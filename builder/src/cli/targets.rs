@@ -3,7 +3,7 @@
 //! vm, image_version, node and exporter.
 
 use super::Global;
-use crate::fleet::setup::{runtime, setup, AnyProvider, FleetArgs, TuneArgs};
+use crate::fleet::setup::{runtime, setup, FleetArgs, TuneArgs};
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -22,8 +22,7 @@ pub struct Args {
 /// Runs `imagectl targets`. The output is always JSON (file_sd's format).
 pub fn run(_g: &Global, a: Args) -> Result<i32> {
     let (s, _) = setup(&a.fleet, &TuneArgs::default(), false, None)?;
-    let AnyProvider::Local(local) = &s.provider;
-    let groups = runtime()?.block_on(crate::fleet::targets(local, &a.fleet.fleet))?;
+    let groups = runtime()?.block_on(crate::fleet::targets(&s.provider, &a.fleet.fleet))?;
     let mut text = serde_json::to_string_pretty(&groups).context("serialising targets")?;
     text.push('\n');
     match a.out {

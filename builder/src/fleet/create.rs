@@ -80,6 +80,12 @@ async fn steps<P: Provider>(
 ) -> Result<VmInfo> {
     let gl = f.gl;
     let deadline = Instant::now() + f.opts.timeout;
+    // With parallel waits, only the API work (runner, seed, clone, start) takes a slot.
+    let slot = if f.provider.parallel_waits() {
+        Some(f.slots.acquire().await.context("waiting for a slot")?)
+    } else {
+        None
+    };
     f.cancel.check()?;
     let description = format!("{}{name}", f.runner_prefix());
     f.progress.event(name, "creating runner");
@@ -158,6 +164,7 @@ async fn steps<P: Provider>(
 
     f.progress.event(name, "starting");
     f.provider.start(&vm).await.context("starting the VM")?;
+    drop(slot);
     f.progress.event(name, "booting; waiting for the agent");
     loop {
         let st = f

@@ -49,6 +49,8 @@ pub struct Fleet<'a, P: Provider> {
     pub cancel: Cancel,
     /// Progress on stderr.
     pub progress: Reporter,
+    /// `--concurrency` slots for the API work of providers with parallel waits.
+    pub slots: tokio::sync::Semaphore,
 }
 
 impl<P: Provider> Fleet<'_, P> {

@@ -130,13 +130,27 @@ async fn create_many<P: Provider>(
             return (Vec::new(), vec![fail]);
         }
     };
+    // Templates on local storage can only be cloned on the nodes that hold them.
+    let nodes: Vec<_> = nodes
+        .into_iter()
+        .filter(|n| image.nodes.is_empty() || image.nodes.contains(&n.name))
+        .collect();
     let placed = plan::place(&nodes, existing, n, f.opts.memory_mib);
     let mut failed = Vec::new();
     if placed.len() < n {
         failed.push(Failure {
             vm: "-".into(),
             error: format!(
-                "no node has {} MiB free for {} more VM(s)",
+                "no node{} has {} MiB free for {} more VM(s)",
+                if image.nodes.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " holding image {} ({})",
+                        image.version,
+                        image.nodes.join(", ")
+                    )
+                },
                 f.opts.memory_mib,
                 n - placed.len()
             ),
@@ -153,7 +167,12 @@ async fn create_many<P: Provider>(
     }
     let results: Vec<_> = stream::iter(jobs)
         .map(|(name, node)| create_vm(f, image, name, Some(node)))
-        .buffer_unordered(f.opts.concurrency.max(1))
+        // With parallel waits the API work is bounded inside create_vm instead.
+        .buffer_unordered(if f.provider.parallel_waits() {
+            n.max(1)
+        } else {
+            f.opts.concurrency.max(1)
+        })
         .collect()
         .await;
     let mut ok = Vec::new();
@@ -186,17 +205,42 @@ async fn retire_many<P: Provider>(
     }
 }
 
-/// Rolling replacement: for each batch of `max_surge` old VMs, bring as many new ones online,
-/// then drain one old VM per new one. A failure stops the rollout (the rest keep serving).
+/// Rolling replacement: for each batch of `max_surge + max_unavailable` old VMs, first drain
+/// `max_unavailable` of them, then bring as many new VMs online as the batch had, then drain the
+/// rest of the batch, one per new VM. A failure stops the rollout (the rest keep serving).
 async fn roll<P: Provider>(f: &Fleet<'_, P>, olds: Vec<(VmInfo, ImageInfo)>, report: &mut Report) {
-    let surge = f.opts.max_surge.max(1);
+    let unavailable = f.opts.max_unavailable;
+    let batch_size = (f.opts.max_surge + unavailable).max(1);
     let mut olds = olds.into_iter().peekable();
     while olds.peek().is_some() {
         if f.cancel.is_cancelled() {
             report.aborted = Some("interrupted".into());
             return;
         }
-        let batch: Vec<(VmInfo, ImageInfo)> = olds.by_ref().take(surge).collect();
+        let mut batch: Vec<(VmInfo, ImageInfo)> = olds.by_ref().take(batch_size).collect();
+        let early: Vec<VmInfo> = batch
+            .iter()
+            .take(unavailable)
+            .map(|(o, _)| o.clone())
+            .collect();
+        if !early.is_empty() {
+            let before = report.failed.len();
+            retire_many(f, early.clone(), true, report).await;
+            if report.failed.len() > before {
+                let kept: Vec<String> = batch
+                    .iter()
+                    .skip(early.len())
+                    .map(|(o, _)| o.name.clone())
+                    .chain(olds.map(|(o, _)| o.name))
+                    .collect();
+                report.aborted = Some(format!(
+                    "draining an old VM failed; {} old VM(s) keep serving: {}",
+                    kept.len(),
+                    kept.join(", ")
+                ));
+                return;
+            }
+        }
         let mut existing = f.vms().await.unwrap_or_default();
         let mut made = Vec::new();
         let mut failed = false;
@@ -215,9 +259,10 @@ async fn roll<P: Provider>(f: &Fleet<'_, P>, olds: Vec<(VmInfo, ImageInfo)>, rep
             report.failed.extend(bad);
             made.extend(ok);
         }
+        let batch: Vec<(VmInfo, ImageInfo)> = batch.split_off(early.len().min(batch.len()));
         let drain: Vec<VmInfo> = batch
             .iter()
-            .take(made.len())
+            .take(made.len().saturating_sub(early.len()))
             .map(|(o, _)| o.clone())
             .collect();
         let drained = drain.len();
@@ -249,13 +294,17 @@ fn new_report<P: Provider>(f: &Fleet<'_, P>, action: &str) -> Report {
 }
 
 /// Reconciles the fleet to `count` healthy VMs of the chosen image.
+///
+/// `canary`: of the VMs not on the image, replace only one (surge first) and leave the rest, so
+/// a pipeline can watch one VM of a new image before it rolls out the rest.
 pub async fn deploy<P: Provider>(
     f: &mut Fleet<'_, P>,
     count: usize,
     choice: &ImageChoice,
+    canary: bool,
 ) -> Result<Report> {
     let lock = f.lock().await?;
-    let r = deploy_locked(f, count, choice).await;
+    let r = deploy_locked(f, count, choice, canary).await;
     f.unlock(&lock).await;
     f.progress.finish();
     r
@@ -265,11 +314,16 @@ async fn deploy_locked<P: Provider>(
     f: &mut Fleet<'_, P>,
     count: usize,
     choice: &ImageChoice,
+    canary: bool,
 ) -> Result<Report> {
     let vms = f.vms().await?;
     let (image, strict) = resolve(f, choice, &vms).await?;
     let views = views(f, &vms).await;
-    let plan = plan::reconcile(&views, count, strict.then_some(image.version.as_str()));
+    let mut plan = plan::reconcile(&views, count, strict.then_some(image.version.as_str()));
+    if canary {
+        let rest = plan.replace.split_off(plan.replace.len().min(1));
+        plan.keep.extend(rest);
+    }
     let mut report = new_report(f, "deploy");
     report.image_version = Some(image.version.clone());
     report.unchanged = plan.keep.clone();

@@ -31,8 +31,12 @@
 //! timeout = 900                               # seconds per VM to registered + online
 //! drain_timeout = 3600
 //! max_surge = 1
+//! max_unavailable = 0                         # old VMs drained before their replacements are up
 //! network = "restricted"                      # local: or "open" (runners can pull images)
 //! images_dir = "out"                          # local image store
+//! seed_storage = "local"                      # proxmox: iso storage for the per-VM seeds
+//! pool = "ci-runners"                         # proxmox: resource pool of the VMs
+//! full_storage = "local-lvm"                  # proxmox: storage of --full clones
 //! ```
 
 use crate::error::input;
@@ -104,6 +108,8 @@ pub struct FleetSection {
     pub drain_timeout: Option<u64>,
     /// New VMs brought up before old ones are drained in a rollout.
     pub max_surge: Option<usize>,
+    /// Old VMs drained before their replacements are up in a rollout.
+    pub max_unavailable: Option<usize>,
     /// `restricted` or `open` (local provider).
     pub network: Option<String>,
     /// Local image store.
@@ -114,6 +120,12 @@ pub struct FleetSection {
     pub accel: Option<String>,
     /// State directory (local provider).
     pub state_dir: Option<PathBuf>,
+    /// Storage for the per-VM seed ISOs (Proxmox; default `local`).
+    pub seed_storage: Option<String>,
+    /// Resource pool of the VMs (Proxmox).
+    pub pool: Option<String>,
+    /// Storage of full clones (Proxmox; default: the template's).
+    pub full_storage: Option<String>,
 }
 
 /// What the settings file says for one fleet.
@@ -345,6 +357,8 @@ pub struct FleetOptions {
     pub force: bool,
     /// New VMs brought up before old ones are drained.
     pub max_surge: usize,
+    /// Old VMs drained before their replacements are online, per rollout batch.
+    pub max_unavailable: usize,
     /// Graceful power-off time before a hard stop.
     pub stop_grace: Duration,
     /// Full clones (PVE).
@@ -367,6 +381,7 @@ impl FleetOptions {
             drain_timeout: Duration::from_secs(3600),
             force: false,
             max_surge: 1,
+            max_unavailable: 0,
             stop_grace: Duration::from_secs(10),
             full_clone: false,
             lock_ttl: Duration::from_secs(4 * 3600),

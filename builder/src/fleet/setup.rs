@@ -3,8 +3,11 @@
 
 use super::settings::{self, FileSettings, FleetOptions, GitlabFlags, GitlabSettings};
 use super::{Cancel, Fleet, ImageChoice, Reporter};
+use crate::config::ProxmoxFlags;
 use crate::error::input;
 use crate::provider::local::{state::default_state_dir, LocalOptions, LocalProvider};
+use crate::provider::proxmox::{ProxmoxOptions, ProxmoxProvider};
+pub use crate::provider::AnyProvider;
 use crate::remote::gitlab::{self, GitlabClient};
 use crate::vm::{Accel, Firmware, NetPolicy};
 use anyhow::{Context, Result};
@@ -16,7 +19,7 @@ use std::time::Duration;
 pub enum ProviderKind {
     /// QEMU VMs on this machine.
     Local,
-    /// Proxmox VE (not available yet in this build).
+    /// Proxmox VE: clones of the templates `imagectl publish` made.
     Proxmox,
 }
 
@@ -29,9 +32,6 @@ pub struct FleetArgs {
     /// Where the VMs run (default: [fleet.NAME] provider, else local).
     #[arg(long, value_enum)]
     pub provider: Option<ProviderKind>,
-    /// Settings file (default: $IMAGECTL_CONFIG, ./imagectl.toml, $XDG_CONFIG_HOME/imagectl/imagectl.toml).
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
     /// GitLab settings.
     #[command(flatten)]
     pub gitlab: GitlabFlags,
@@ -41,6 +41,23 @@ pub struct FleetArgs {
     /// Local provider: image store, the directory `imagectl build --out` wrote to (default ./out).
     #[arg(long, value_name = "DIR")]
     pub images_dir: Option<PathBuf>,
+    /// Proxmox connection and settings file (--config).
+    #[command(flatten)]
+    pub pve: ProxmoxFlags,
+    /// Proxmox fleet settings.
+    #[command(flatten)]
+    pub pve_fleet: PveArgs,
+}
+
+/// Proxmox settings of the fleet commands beyond the connection.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct PveArgs {
+    /// Proxmox: file storage with iso content for the per-VM seeds (default: [fleet.NAME] seed_storage, else local).
+    #[arg(long, value_name = "STORAGE")]
+    pub seed_storage: Option<String>,
+    /// Proxmox: resource pool the VMs join (default: [fleet.NAME] pool, else none).
+    #[arg(long, value_name = "POOL")]
+    pub pool: Option<String>,
 }
 
 /// Flags of the commands that create or drain VMs.
@@ -67,6 +84,9 @@ pub struct TuneArgs {
     /// New VMs brought online before as many old ones are drained, in a rollout (default 1).
     #[arg(long, value_name = "N")]
     pub max_surge: Option<usize>,
+    /// Old VMs drained before their replacements are online, in a rollout (default 0; for full nodes).
+    #[arg(long, value_name = "N")]
+    pub max_unavailable: Option<usize>,
     /// Local provider: let guests open outbound connections (so jobs can pull images); default restricted.
     #[arg(long)]
     pub open_network: bool,
@@ -76,12 +96,6 @@ pub struct TuneArgs {
     /// Full clones instead of linked clones (Proxmox).
     #[arg(long)]
     pub full: bool,
-}
-
-/// The provider chosen for a command.
-pub enum AnyProvider {
-    /// Local QEMU.
-    Local(LocalProvider),
 }
 
 /// Everything a fleet command needs, resolved.
@@ -133,7 +147,24 @@ pub fn setup(
     image: Option<&str>,
 ) -> Result<(Setup, ImageChoice)> {
     settings::validate_fleet_name(&a.fleet)?;
-    let file = settings::read_file(a.config.as_deref(), &a.fleet, &env)?;
+    resolve(a, t, need_gitlab, image)
+}
+
+/// [`setup`] for commands over every fleet (`gc` without `--fleet`): `a.fleet` may be empty.
+pub fn setup_all_fleets(a: &FleetArgs, need_gitlab: bool) -> Result<Setup> {
+    if !a.fleet.is_empty() {
+        settings::validate_fleet_name(&a.fleet)?;
+    }
+    Ok(resolve(a, &TuneArgs::default(), need_gitlab, None)?.0)
+}
+
+fn resolve(
+    a: &FleetArgs,
+    t: &TuneArgs,
+    need_gitlab: bool,
+    image: Option<&str>,
+) -> Result<(Setup, ImageChoice)> {
+    let file = settings::read_file(a.pve.config.as_deref(), &a.fleet, &env)?;
     let fs = &file.fleet;
     let gl = match settings::resolve_gitlab(&a.gitlab, &file, &env) {
         Ok(g) => Some(g),
@@ -158,11 +189,6 @@ pub fn setup(
             )))
         }
     };
-    if kind == ProviderKind::Proxmox {
-        return Err(input(
-            "the Proxmox provider is not available in this build yet; use --provider local",
-        ));
-    }
     let mut images_dir = a
         .images_dir
         .clone()
@@ -211,17 +237,44 @@ pub fn setup(
         .as_ref()
         .map(|(_, g)| g.url.clone())
         .unwrap_or_default();
-    let local = LocalProvider::new(LocalOptions {
-        state_dir,
-        images_dir,
-        image_name: fs.image_name.clone(),
-        net,
-        gitlab_url,
-        accel,
-        firmware: Firmware::Bios,
-        qemu: "qemu-system-x86_64".into(),
-    })?;
-    let seed_dir = local.seeds_dir();
+    let provider = match kind {
+        ProviderKind::Local => {
+            let local = LocalProvider::new(LocalOptions {
+                state_dir: state_dir.clone(),
+                images_dir,
+                image_name: fs.image_name.clone(),
+                net,
+                gitlab_url,
+                accel,
+                firmware: Firmware::Bios,
+                qemu: "qemu-system-x86_64".into(),
+            })?;
+            AnyProvider::Local(local)
+        }
+        ProviderKind::Proxmox => {
+            let pve = crate::config::resolve_from_env(&a.pve)?;
+            let client = crate::remote::pve::PveClient::new(pve.client.clone())?;
+            AnyProvider::Proxmox(ProxmoxProvider::new(
+                client,
+                ProxmoxOptions {
+                    seed_storage: a
+                        .pve_fleet
+                        .seed_storage
+                        .clone()
+                        .or_else(|| fs.seed_storage.clone())
+                        .unwrap_or_else(|| "local".into()),
+                    pool: a.pve_fleet.pool.clone().or_else(|| fs.pool.clone()),
+                    full_storage: fs.full_storage.clone(),
+                    vmid_range: pve.vmid_range,
+                    image_name: fs.image_name.clone(),
+                },
+            ))
+        }
+    };
+    let seed_dir = match &provider {
+        AnyProvider::Local(l) => l.seeds_dir(),
+        AnyProvider::Proxmox(_) => private_dir(&state_dir.join("seeds"))?,
+    };
     let mut opts = FleetOptions::new(&a.fleet);
     opts.memory_mib = t.memory.or(fs.memory).unwrap_or(opts.memory_mib);
     opts.cpus = t.cpus.or(fs.cpus).unwrap_or(opts.cpus);
@@ -233,14 +286,21 @@ pub fn setup(
         opts.drain_timeout = Duration::from_secs(s);
     }
     opts.max_surge = t.max_surge.or(fs.max_surge).unwrap_or(opts.max_surge);
+    opts.max_unavailable = t
+        .max_unavailable
+        .or(fs.max_unavailable)
+        .unwrap_or(opts.max_unavailable);
     opts.force = t.force;
     opts.full_clone = t.full;
     if opts.memory_mib < 256 {
         return Err(input("--memory must be at least 256 MiB"));
     }
-    if opts.concurrency == 0 || opts.max_surge == 0 || opts.cpus == 0 {
+    if opts.concurrency == 0 || opts.cpus == 0 {
+        return Err(input("--concurrency and --cpus must be at least 1"));
+    }
+    if opts.max_surge + opts.max_unavailable == 0 {
         return Err(input(
-            "--concurrency, --max-surge and --cpus must be at least 1",
+            "--max-surge and --max-unavailable cannot both be 0: a rollout could never start",
         ));
     }
     if opts.timeout.is_zero() {
@@ -249,7 +309,7 @@ pub fn setup(
     Ok((
         Setup {
             file,
-            provider: AnyProvider::Local(local),
+            provider,
             gitlab,
             opts,
             seed_dir,
@@ -259,25 +319,36 @@ pub fn setup(
 }
 
 impl Setup {
-    /// A [`Fleet`] over the local provider, with Ctrl-C handling installed (call inside the runtime).
-    pub fn fleet<'a>(
-        &'a self,
-        local: &'a LocalProvider,
-        quiet: bool,
-    ) -> Result<Fleet<'a, LocalProvider>> {
+    /// A [`Fleet`] over the chosen provider, with Ctrl-C handling installed (call inside the
+    /// runtime).
+    pub fn fleet(&self, quiet: bool) -> Result<Fleet<'_, AnyProvider>> {
         let (gitlab, gl) = self.gitlab.as_ref().map(|(c, g)| (c, g)).ok_or_else(|| {
             input("this command needs GitLab settings (GITLAB_URL, GITLAB_TOKEN)")
         })?;
         let cancel = Cancel::new();
         cancel.on_signals();
         Ok(Fleet {
-            provider: local,
+            provider: &self.provider,
             gitlab,
             gl,
             opts: &self.opts,
             seed_dir: self.seed_dir.clone(),
             cancel,
             progress: Reporter::new(quiet),
+            slots: tokio::sync::Semaphore::new(self.opts.concurrency.max(1)),
         })
     }
+}
+
+/// Creates `dir` (and parents) with mode 0700 and returns it.
+fn private_dir(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private", dir.display()))?;
+    Ok(dir.to_path_buf())
 }

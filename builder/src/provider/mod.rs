@@ -14,7 +14,11 @@
 //! Every method is safe to call again after a failure: `destroy` of a VM that is already gone,
 //! `detach_seed` of a seed that is gone and `unlock` of a lock that is gone all succeed.
 
+pub mod any;
 pub mod local;
+pub mod proxmox;
+
+pub use any::AnyProvider;
 
 use anyhow::Result;
 use imagectl_proto::AgentStatus;
@@ -173,6 +177,14 @@ pub trait Provider {
     /// The GitLab URL as the guest must use it (the local provider relays a loopback URL into
     /// restricted guests as `http://10.0.2.100`).
     fn guest_gitlab_url(&self, url: &str) -> String;
+
+    /// True when waiting for a VM to boot and register costs this machine nothing (Proxmox), so
+    /// the fleet bounds only the API work (clone, upload, start) by `--concurrency` and lets
+    /// every VM wait at once. False (local): the whole VM life counts against it, because a
+    /// booting VM burns this machine's CPU.
+    fn parallel_waits(&self) -> bool {
+        false
+    }
 
     /// Image versions available to clone from, oldest first.
     async fn images(&self) -> Result<Vec<ImageInfo>>;

@@ -33,6 +33,12 @@ pub struct Node {
     /// `online`, `offline` or `unknown`.
     #[serde(default)]
     pub status: String,
+    /// Memory in use (bytes).
+    #[serde(default, deserialize_with = "num")]
+    pub mem: Option<u64>,
+    /// Memory installed (bytes).
+    #[serde(default, deserialize_with = "num")]
+    pub maxmem: Option<u64>,
 }
 
 impl Node {

@@ -207,6 +207,17 @@ impl PveClient {
         self.typed(Method::GET, path, query).await
     }
 
+    /// `GET path` once, without retries: for polls that ask again anyway (guest agent reads).
+    pub async fn get_once<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: Params,
+    ) -> Result<T, PveError> {
+        let data = self.once(Method::GET, path, &query).await?;
+        serde_json::from_value(data.clone())
+            .map_err(|e| PveError::decode("GET", path, format!("{e} in {}", short_json(&data))))
+    }
+
     /// `POST path` (form) → `data`.
     pub async fn post<T: DeserializeOwned>(&self, path: &str, form: Params) -> Result<T, PveError> {
         self.typed(Method::POST, path, form).await

@@ -78,6 +78,37 @@ impl PveClient {
         sha256: &str,
         bar: &ProgressBar,
     ) -> Result<String, anyhow::Error> {
+        self.upload(node, storage, "import", filename, file, sha256, bar)
+            .await
+    }
+
+    /// Uploads `file` as `STORAGE:iso/FILENAME` on `node` (checksum verified by PVE) and returns
+    /// the upload task's UPID (not waited for).
+    pub async fn upload_iso(
+        &self,
+        node: &str,
+        storage: &str,
+        filename: &str,
+        file: &Path,
+        sha256: &str,
+    ) -> Result<String, anyhow::Error> {
+        let bar = ProgressBar::hidden();
+        self.upload(node, storage, "iso", filename, file, sha256, &bar)
+            .await
+    }
+
+    /// Streams `file` to `POST /nodes/{node}/storage/{storage}/upload` with `content`.
+    #[allow(clippy::too_many_arguments)]
+    async fn upload(
+        &self,
+        node: &str,
+        storage: &str,
+        content: &str,
+        filename: &str,
+        file: &Path,
+        sha256: &str,
+        bar: &ProgressBar,
+    ) -> Result<String, anyhow::Error> {
         use anyhow::Context;
         let path = format!("/nodes/{}/storage/{}/upload", seg(node), seg(storage));
         let mut attempt = 0;
@@ -92,7 +123,7 @@ impl PveClient {
                 .len();
             let mp = Multipart::new(
                 &[
-                    ("content", "import"),
+                    ("content", content),
                     ("checksum-algorithm", "sha256"),
                     ("checksum", sha256),
                 ],
