@@ -4,7 +4,6 @@
 //! failure is rolled back and listed with what was cleaned), 2 for bad input.
 
 use super::Global;
-use crate::error::input;
 use crate::fleet::setup::{runtime, setup, FleetArgs, TuneArgs};
 use anyhow::Result;
 
@@ -14,7 +13,7 @@ pub struct Args {
     /// Fleet, provider, GitLab and image-store flags.
     #[command(flatten)]
     pub fleet: FleetArgs,
-    /// Number of healthy VMs wanted (default: [fleet.NAME] count).
+    /// Number of healthy VMs wanted (default: [fleet.NAME] count, else as many as the fleet has).
     #[arg(long, value_name = "N")]
     pub count: Option<usize>,
     /// Image: latest, a VERSION, or a path to a .qcow2 with its manifest. Given, VMs on other
@@ -33,12 +32,7 @@ pub struct Args {
 /// Runs `imagectl deploy`.
 pub fn run(g: &Global, a: Args) -> Result<i32> {
     let (s, choice) = setup(&a.fleet, &a.tune, true, a.image.as_deref())?;
-    let count = a.count.or(s.file.fleet.count).ok_or_else(|| {
-        input(format!(
-            "how many VMs? pass --count N (or set [fleet.{}] count)",
-            a.fleet.fleet
-        ))
-    })?;
+    let count = a.count.or(s.file.fleet.count);
     let report = runtime()?.block_on(async {
         let mut f = s.fleet(g.quiet)?;
         crate::fleet::deploy(&mut f, count, &choice, a.canary).await

@@ -293,13 +293,13 @@ fn new_report<P: Provider>(f: &Fleet<'_, P>, action: &str) -> Report {
     }
 }
 
-/// Reconciles the fleet to `count` healthy VMs of the chosen image.
+/// Reconciles the fleet to `count` healthy VMs of the chosen image (`None`: as many as it has).
 ///
 /// `canary`: of the VMs not on the image, replace only one (surge first) and leave the rest, so
 /// a pipeline can watch one VM of a new image before it rolls out the rest.
 pub async fn deploy<P: Provider>(
     f: &mut Fleet<'_, P>,
-    count: usize,
+    count: Option<usize>,
     choice: &ImageChoice,
     canary: bool,
 ) -> Result<Report> {
@@ -312,11 +312,21 @@ pub async fn deploy<P: Provider>(
 
 async fn deploy_locked<P: Provider>(
     f: &mut Fleet<'_, P>,
-    count: usize,
+    count: Option<usize>,
     choice: &ImageChoice,
     canary: bool,
 ) -> Result<Report> {
     let vms = f.vms().await?;
+    let count = match count {
+        Some(n) => n,
+        None if !vms.is_empty() => vms.len(),
+        None => {
+            return Err(input(format!(
+                "how many VMs? fleet {} has none yet: pass --count N (or set [fleet.{}] count)",
+                f.opts.fleet, f.opts.fleet
+            )))
+        }
+    };
     let (image, strict) = resolve(f, choice, &vms).await?;
     let views = views(f, &vms).await;
     let mut plan = plan::reconcile(&views, count, strict.then_some(image.version.as_str()));
