@@ -28,6 +28,18 @@ Where fakepve 0.5.0 differs from the PVE docs, and what this subclass does about
 * the `local` storage lacks `import` in its content list: added.
 * Storage volumes are cluster-wide in fakepve even for non-shared storages (PVE keeps them per
   node); tests publish to nodes one after another, so this does not matter for them.
+
+What the harness adds for tests (none of it is PVE behaviour; it is how tests look inside):
+* ISO bytes are kept: fakepve stores only a volume's size. An uploaded or downloaded `iso` volume is
+  also saved as `<workdir>/isos/<storage>/<filename>` (the imgcopy task's temp file, moved), and that
+  file goes when the volume is deleted (after every `imgdel` task, and whenever the state is read).
+  The guest emulation (`tests/src/pve_guest.rs`) reads seed ISOs from there.
+* `GET /state` on the control port: VMs (with `status`), volumes (with `path` of a kept ISO),
+  tasks, uploads, nodes and the requests seen.
+* Control commands (`POST /<cmd>` with a JSON body): `fail`, `fail-task`, `clear-failures`, `node`,
+  `storage`, `token`, `vm`, `time-scale`, and `agent` {vmid, files: {path: text} | null,
+  hangs?: bool}: sets the VM's guest agent (`vm.agent = {'files': files}`, so `agent/file-read`
+  answers those files; null: "QEMU guest agent is not running"; hangs: the agent times out).
 """
 
 import argparse
@@ -39,6 +51,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import struct
 import sys
@@ -260,6 +273,8 @@ class ImagectlPve(FakePve):
             self.store_file(name, filename, size, content)
             vol = self.storages[name]['volumes']['{0}/{1}'.format(content, filename)]
             vol['virtual_size'] = vsize
+            if content == 'iso':
+                self._keep_iso(name, filename, tmp)
             log.append('target file: /var/lib/vz/{0}/{1}'.format(content, filename))
             record['status'] = 'stored'
         except TaskError:
@@ -267,6 +282,42 @@ class ImagectlPve(FakePve):
             raise
         finally:
             self._drop(tmp)
+
+    # ------------------------------------------------------- kept ISOs
+
+    def iso_path(self, storage, filename):
+        """Where the bytes of ISO volume `storage:iso/filename` are kept."""
+        return os.path.join(self.workdir, 'isos', storage, filename)
+
+    def _keep_iso(self, storage, filename, tmp):
+        """Moves an imported ISO's temp file to iso_path (the caller's _drop then finds nothing)."""
+        if os.sep in filename or filename in ('', '.', '..') or os.sep in storage:
+            return
+        dest = self.iso_path(storage, filename)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.replace(tmp, dest)
+
+    def _sweep_isos(self):
+        """Deletes kept ISOs whose volume is gone (content-delete, storage removed)."""
+        top = os.path.join(self.workdir, 'isos')
+        if not os.path.isdir(top):
+            return
+        for sid in os.listdir(top):
+            store = self.storages.get(sid)
+            for filename in os.listdir(os.path.join(top, sid)):
+                if store is None or 'iso/' + filename not in store.get('volumes', {}):
+                    self._drop(os.path.join(top, sid, filename))
+
+    async def task(self, node, ttype, tid, user, body, vm=None, lock=True, log=()):
+        if ttype == 'imgdel':
+            inner = body
+
+            async def body():
+                try:
+                    return await inner()
+                finally:
+                    self._sweep_isos()
+        return await super().task(node, ttype, tid, user, body, vm=vm, lock=lock, log=log)
 
     @staticmethod
     def _hash_file(path, algo):
@@ -342,19 +393,25 @@ class ImagectlPve(FakePve):
     # ------------------------------------------------------------ view
 
     def view(self):
+        self._sweep_isos()
         vms = [{'vmid': vm.vmid, 'name': vm.name, 'node': vm.node, 'template': bool(vm.template),
-                'lock': vm.lock, 'tags': vm.config.get('tags', ''), 'description': vm.config.get('description', ''),
-                'config': {k: str(v) for k, v in vm.config.items()}} for vm in self.vms]
+                'status': vm.status, 'lock': vm.lock, 'tags': vm.config.get('tags', ''),
+                'description': vm.config.get('description', ''),
+                'config': {k: str(v) for k, v in vm.config.items()},
+                'agent': vm.agent is not None, 'agent_hangs': bool(vm.agent_hangs)} for vm in self.vms]
         volumes = []
         for sid in sorted(self.storages):
             for volname, vol in sorted(self.storages[sid].get('volumes', {}).items()):
+                path = None
+                if volname.startswith('iso/') and os.path.isfile(self.iso_path(sid, volname[4:])):
+                    path = self.iso_path(sid, volname[4:])
                 volumes.append({'volid': '{0}:{1}'.format(sid, volname), 'content': vol.get('content'),
-                                'size': int(vol.get('size') or 0), 'vmid': vol.get('vmid')})
+                                'size': int(vol.get('size') or 0), 'vmid': vol.get('vmid'), 'path': path})
         tasks = [{'upid': t['upid'], 'type': t['type'], 'node': t['node'], 'status': t['status'],
                   'exitstatus': t.get('exitstatus')} for t in self.tasklog]
         return {'vms': vms, 'volumes': volumes, 'tasks': tasks, 'uploads': self.uploads,
                 'nodes': {n: s.get('online', True) for n, s in self.nodes.items()},
-                'requests': [[m, p] for m, p, _b in self.requests]}
+                'requests': [[m, p] for m, p, _b in self.requests], 'pools': sorted(self.pools)}
 
 
 def control_app(pve):
@@ -396,6 +453,21 @@ def control_app(pve):
                                 template=a.get('template', False), lock=a.get('lock'))
                 if vm.template:
                     vm.config['template'] = 1
+            elif cmd == 'agent':
+                vm = pve.vm(int(a['vmid']))
+                if vm is None:
+                    return web.json_response({'error': 'no VM {0}'.format(a['vmid'])}, status=404)
+                files = a.get('files')
+                if files is not None and not isinstance(files, dict):
+                    raise TypeError('files must be an object or null')
+                # The emulated guest's only address is loopback, so whatever the host then probes
+                # (node_exporter, cAdvisor, gitlab-runner metrics) stays on this machine.
+                vm.agent = None if files is None else {
+                    'files': {str(k): str(v) for k, v in files.items()},
+                    'interfaces': [{'name': 'eth0', 'hardware-address': 'bc:24:11:00:00:01',
+                                    'ip-addresses': [{'ip-address': '127.0.0.1', 'ip-address-type': 'ipv4',
+                                                      'prefix': 8}]}]}
+                vm.agent_hangs = bool(a.get('hangs', False))
             elif cmd == 'time-scale':
                 pve.time_scale = float(a['value'])
             else:
@@ -441,9 +513,7 @@ async def main(args):
     await stop.wait()
     await runner.cleanup()
     await pve.stop()
-    for name in os.listdir(workdir):
-        os.unlink(os.path.join(workdir, name))
-    os.rmdir(workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == '__main__':

@@ -43,7 +43,7 @@ struct Block {
 const SHELL_LANGS: [&str; 4] = ["sh", "bash", "shell", "console"];
 
 /// Splits a shell line into words: quotes and backslash escapes, stopping at a comment.
-fn shell_words(line: &str) -> Vec<String> {
+pub(crate) fn shell_words(line: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut cur = String::new();
     let mut in_word = false;
@@ -103,7 +103,7 @@ fn shell_words(line: &str) -> Vec<String> {
 
 /// The `imagectl` invocations in one logical shell line (pipelines and lists split, redirections,
 /// environment assignments, `sudo` and a `$ ` prompt dropped).
-fn imagectl_commands(line: &str) -> Vec<Vec<String>> {
+pub(crate) fn imagectl_commands(line: &str) -> Vec<Vec<String>> {
     let line = line.trim_start();
     let line = line.strip_prefix("$ ").unwrap_or(line);
     let mut out = Vec::new();
@@ -221,7 +221,7 @@ fn marker_of(line: &str) -> Marker {
 }
 
 /// Parses argv with the real CLI definition: `Err` carries clap's message.
-fn parse_with_cli(argv: &[String]) -> Result<(), String> {
+pub(crate) fn parse_with_cli(argv: &[String]) -> Result<(), String> {
     match imagectl::cli::command().try_get_matches_from(argv) {
         Ok(_) => Ok(()),
         // --help and --version "fail" with a message for stdout: the command is fine.

@@ -15,6 +15,10 @@
 //! Both scan every output and every state file for token bytes (the admin token and every
 //! runner token the fake saw). Boots are expensive here (TCG, two shared cores), so each test
 //! reuses one deployment for several assertions.
+//!
+//! Cleanup runs even when an assertion fails mid-test: dropping an [`Env`] (also while the test
+//! panics) interrupts imagectl commands of its own that still run, runs `imagectl destroy
+//! --fleet F` for every fleet it touched, and kills what is left of its QEMU processes.
 
 use crate::support::{
     agent_bin, cache_dir, heavy, imagectl_bin, offline_image, test_dir, workspace,
@@ -22,16 +26,21 @@ use crate::support::{
 use imagectl_proto::Secret;
 use imagectl_tests::gitlab_fake::GitlabFake;
 use serde_json::Value;
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// An isolated place to run `imagectl` fleet commands: the fake, a state dir, an image store.
+/// Dropping it cleans up what the test left running (see [`Env::cleanup`]).
 struct Env {
     gl: GitlabFake,
     dir: tempfile::TempDir,
     images: PathBuf,
     outputs: Vec<u8>,
+    /// Every `--fleet` a command was run for, for the cleanup.
+    fleets: RefCell<BTreeSet<String>>,
 }
 
 impl Env {
@@ -41,6 +50,7 @@ impl Env {
             dir: tempfile::tempdir().expect("tempdir"),
             images: images.to_path_buf(),
             outputs: Vec::new(),
+            fleets: RefCell::new(BTreeSet::new()),
         }
     }
 
@@ -49,6 +59,11 @@ impl Env {
     }
 
     fn command(&self, args: &[&str]) -> Command {
+        if let Some(i) = args.iter().position(|a| *a == "--fleet") {
+            if let Some(f) = args.get(i + 1) {
+                self.fleets.borrow_mut().insert((*f).to_string());
+            }
+        }
         let mut c = Command::new(imagectl_bin());
         c.args(args)
             .arg("--images-dir")
@@ -173,6 +188,134 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Leaves no VM behind, whatever happened: SIGINT to this env's imagectl commands that still
+    /// run (a spawned deploy rolls back on it; SIGKILL after 60 s), `imagectl destroy --fleet F`
+    /// for every fleet used (killed after 5 min), then SIGKILL for any process left that belongs
+    /// to this env (QEMU of its fleets, anything naming its state dir). Never panics: it runs
+    /// while a failed test unwinds.
+    fn cleanup(&mut self) {
+        let fleets: Vec<String> = self.fleets.borrow().iter().cloned().collect();
+        let state = self.state();
+        let leftovers = !own_pids(&state, &fleets).is_empty();
+        if !std::thread::panicking() && !leftovers {
+            return;
+        }
+        eprintln!(
+            "fleet_local: cleanup of {} ({})",
+            fleets.join(", "),
+            if std::thread::panicking() {
+                "the test failed"
+            } else {
+                "processes left"
+            }
+        );
+        let imagectl: Vec<u32> = own_pids(&state, &fleets)
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "imagectl")
+            })
+            .collect();
+        signal(&imagectl, "-INT");
+        let until = Instant::now() + Duration::from_secs(60);
+        while imagectl.iter().any(|p| alive(*p)) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        signal(&imagectl, "-KILL");
+        for fleet in &fleets {
+            let child = self
+                .command(&["destroy", "--fleet", fleet])
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn();
+            let Ok(mut child) = child else {
+                eprintln!("fleet_local: cleanup: cannot run imagectl destroy --fleet {fleet}");
+                continue;
+            };
+            let until = Instant::now() + Duration::from_secs(300);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(st)) => {
+                        eprintln!("fleet_local: cleanup: imagectl destroy --fleet {fleet}: {st}");
+                        break;
+                    }
+                    Ok(None) if Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    _ => {
+                        eprintln!(
+                            "fleet_local: cleanup: imagectl destroy --fleet {fleet} hangs; killed"
+                        );
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        let left = own_pids(&state, &fleets);
+        if !left.is_empty() {
+            eprintln!("fleet_local: cleanup: killing leftover processes {left:?}");
+            signal(&left, "-KILL");
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// Live processes of an env: QEMU of one of `fleets`, or anything whose command line or
+/// environment names `state` (imagectl commands get `IMAGECTL_STATE_DIR`; QEMU's disks live there).
+fn own_pids(state: &Path, fleets: &[String]) -> Vec<u32> {
+    let me = std::process::id();
+    let dir = state.as_os_str().as_encoded_bytes();
+    let mut out: Vec<u32> = fleets.iter().flat_map(|f| qemu_pids(f)).collect();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me || out.contains(&pid) || !alive(pid) {
+            continue;
+        }
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if contains(&cmd, dir) || contains(&env, dir) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// True while `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
+/// `kill SIG PID…`, errors ignored.
+fn signal(pids: &[u32], sig: &str) {
+    let live: Vec<String> = pids
+        .iter()
+        .filter(|p| alive(**p))
+        .map(u32::to_string)
+        .collect();
+    if !live.is_empty() {
+        let _ = Command::new("kill")
+            .arg(sig)
+            .args(&live)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -268,7 +411,7 @@ fn two_versions() -> (PathBuf, String, String) {
     (dir, old, new)
 }
 
-fn names(v: &Value, key: &str) -> Vec<String> {
+pub(crate) fn names(v: &Value, key: &str) -> Vec<String> {
     v[key]
         .as_array()
         .map(|a| {

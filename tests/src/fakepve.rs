@@ -1,11 +1,17 @@
 //! A running fakepve (PyPI `fakepve[crypto]`, AGPL, test-only) behind `tests/fakepve/harness.py`,
-//! for the publish/images/gc tests.
+//! for the publish/images/gc and Proxmox fleet tests.
 //!
 //! The harness serves the PVE API on `https://127.0.0.1:<free port>` with a real certificate
 //! signed by its own CA, creates an API token, and takes faults and state queries on a loopback
 //! control port. The Python interpreter is `$FAKEPVE_PYTHON`, else `<workspace>/.venv/bin/python`
 //! (`python3 -m venv .venv && .venv/bin/pip install 'fakepve[crypto]'`). The process is killed
-//! when the [`FakePve`] is dropped (and exits on its own when its stdin closes).
+//! when the [`FakePve`] is dropped, and its working directory removed (it also exits on its own
+//! when its stdin closes).
+//!
+//! Beyond the PVE API, the harness keeps the bytes of uploaded ISO volumes
+//! ([`FakePve::iso_file`]) and lets a test play the guest agent ([`FakePve::set_agent_files`]);
+//! [`PveControl`] is a cloneable handle on the control channel for other threads (the guest
+//! emulation in [`crate::pve_guest`] uses it).
 //!
 //! ```no_run
 //! let pve = imagectl_tests::fakepve::FakePve::start();
@@ -16,6 +22,7 @@
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -31,6 +38,12 @@ pub struct Vm {
     pub node: String,
     /// A template.
     pub template: bool,
+    /// `running` or `stopped`.
+    #[serde(default)]
+    pub status: String,
+    /// The guest agent answers (set with [`FakePve::set_agent_files`]).
+    #[serde(default)]
+    pub agent: bool,
     /// Config lock.
     pub lock: Option<String>,
     /// Tags.
@@ -38,7 +51,7 @@ pub struct Vm {
     /// Notes.
     pub description: String,
     /// Config, values as text.
-    pub config: std::collections::BTreeMap<String, String>,
+    pub config: BTreeMap<String, String>,
 }
 
 /// A volume on one of the fake's storages.
@@ -52,6 +65,9 @@ pub struct Volume {
     pub size: u64,
     /// Owner.
     pub vmid: Option<u32>,
+    /// Where the harness keeps the bytes of an ISO volume (see [`FakePve::iso_file`]).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
 }
 
 /// A task the fake ran.
@@ -90,6 +106,9 @@ pub struct State {
     pub uploads: Vec<Upload>,
     /// Requests seen: (method, path).
     pub requests: Vec<(String, String)>,
+    /// Resource pools.
+    #[serde(default)]
+    pub pools: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +118,7 @@ struct Hello {
     fingerprint: String,
     ca_file: PathBuf,
     token: String,
+    workdir: PathBuf,
 }
 
 /// A running fake PVE.
@@ -106,7 +126,109 @@ pub struct FakePve {
     child: Child,
     _stdin: ChildStdin,
     hello: Hello,
+    ctl: PveControl,
+}
+
+/// The harness's loopback control channel: cheap to clone, usable from any thread, valid as long
+/// as the [`FakePve`] it came from runs (calls panic after that, except
+/// [`PveControl::try_state`]).
+#[derive(Clone)]
+pub struct PveControl {
+    control_port: u16,
+    workdir: PathBuf,
     agent: ureq::Agent,
+}
+
+impl std::fmt::Debug for PveControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PveControl")
+            .field("control_port", &self.control_port)
+            .field("workdir", &self.workdir)
+            .finish()
+    }
+}
+
+impl PveControl {
+    /// Sends control command `cmd`; `Err` with the harness's answer unless it says 200.
+    pub fn try_control(&self, cmd: &str, body: Value) -> Result<(), String> {
+        let mut resp = self
+            .agent
+            .post(format!("http://127.0.0.1:{}/{cmd}", self.control_port))
+            .send_json(body)
+            .map_err(|e| format!("harness control {cmd}: {e}"))?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        if status == 200 {
+            Ok(())
+        } else {
+            Err(format!("harness control {cmd}: HTTP {status}: {text}"))
+        }
+    }
+
+    /// Sends control command `cmd`; panics unless the harness answers 200.
+    pub fn control(&self, cmd: &str, body: Value) {
+        if let Err(e) = self.try_control(cmd, body) {
+            panic!("{e}");
+        }
+    }
+
+    /// The control channel's `/state` answer as it came (JSON text), or why it could not be read.
+    pub fn try_state_text(&self) -> Result<String, String> {
+        let mut resp = self
+            .agent
+            .get(format!("http://127.0.0.1:{}/state", self.control_port))
+            .call()
+            .map_err(|e| format!("harness state: {e}"))?;
+        resp.body_mut()
+            .read_to_string()
+            .map_err(|e| format!("harness state body: {e}"))
+    }
+
+    /// Everything the fake holds, or why it could not be read.
+    pub fn try_state(&self) -> Result<State, String> {
+        let text = self.try_state_text()?;
+        serde_json::from_str(&text).map_err(|e| format!("harness state JSON: {e}"))
+    }
+
+    /// Everything the fake holds.
+    pub fn state(&self) -> State {
+        self.try_state().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Sets what VM `vmid`'s guest agent answers: `Some(files)` makes it run, and
+    /// `GET …/agent/file-read?file=PATH` answers `files[PATH]` (`''` for other paths); `None`
+    /// stops it (PVE's 500 "QEMU guest agent is not running").
+    pub fn try_set_agent_files(
+        &self,
+        vmid: u32,
+        files: Option<&BTreeMap<String, String>>,
+    ) -> Result<(), String> {
+        self.try_control("agent", json!({"vmid": vmid, "files": files}))
+    }
+
+    /// Like [`PveControl::try_set_agent_files`]; panics on failure.
+    pub fn set_agent_files(&self, vmid: u32, files: Option<&BTreeMap<String, String>>) {
+        if let Err(e) = self.try_set_agent_files(vmid, files) {
+            panic!("{e}");
+        }
+    }
+
+    /// Makes VM `vmid`'s guest agent run but never answer (every agent call fails after a
+    /// timeout with PVE's "qmp command 'guest-ping' failed - got timeout").
+    pub fn set_agent_hangs(&self, vmid: u32) {
+        self.control("agent", json!({"vmid": vmid, "files": {}, "hangs": true}));
+    }
+
+    /// Where the harness keeps the bytes of ISO volume `storage:iso/filename` (the file exists
+    /// while the volume does).
+    pub fn iso_file(&self, storage: &str, filename: &str) -> PathBuf {
+        self.workdir.join("isos").join(storage).join(filename)
+    }
+
+    /// The harness's working directory (kept ISOs, temp files, its PKI).
+    pub fn workdir(&self) -> &Path {
+        &self.workdir
+    }
 }
 
 fn workspace() -> PathBuf {
@@ -155,13 +277,19 @@ impl FakePve {
             .unwrap_or_else(|e| panic!("harness greeting {line:?}: {e}"));
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
             .build()
             .new_agent();
+        let ctl = PveControl {
+            control_port: hello.control_port,
+            workdir: hello.workdir.clone(),
+            agent,
+        };
         Self {
             child,
             _stdin: stdin,
             hello,
-            agent,
+            ctl,
         }
     }
 
@@ -199,18 +327,13 @@ impl FakePve {
         ]
     }
 
+    /// A handle on the control channel for other threads.
+    pub fn control_handle(&self) -> PveControl {
+        self.ctl.clone()
+    }
+
     fn control(&self, cmd: &str, body: Value) {
-        let mut resp = self
-            .agent
-            .post(format!(
-                "http://127.0.0.1:{}/{cmd}",
-                self.hello.control_port
-            ))
-            .send_json(body)
-            .unwrap_or_else(|e| panic!("harness control {cmd}: {e}"));
-        let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().unwrap_or_default();
-        assert_eq!(status, 200, "harness control {cmd}: {text}");
+        self.ctl.control(cmd, body);
     }
 
     /// Answers requests whose path ends with `suffix` with `status` and PVE message `message`
@@ -277,21 +400,49 @@ impl FakePve {
         );
     }
 
+    /// Adds a VM in `status` (`running` or `stopped`), e.g. a runner VM that is already up.
+    pub fn add_vm_with_status(
+        &self,
+        vmid: u32,
+        name: &str,
+        node: &str,
+        status: &str,
+        config: Value,
+    ) {
+        self.control(
+            "vm",
+            json!({"vmid": vmid, "name": name, "node": node, "status": status, "config": config}),
+        );
+    }
+
+    /// See [`PveControl::set_agent_files`].
+    pub fn set_agent_files(&self, vmid: u32, files: Option<&BTreeMap<String, String>>) {
+        self.ctl.set_agent_files(vmid, files);
+    }
+
+    /// See [`PveControl::set_agent_hangs`].
+    pub fn set_agent_hangs(&self, vmid: u32) {
+        self.ctl.set_agent_hangs(vmid);
+    }
+
+    /// See [`PveControl::iso_file`].
+    pub fn iso_file(&self, storage: &str, filename: &str) -> PathBuf {
+        self.ctl.iso_file(storage, filename)
+    }
+
+    /// The harness's working directory.
+    pub fn workdir(&self) -> &Path {
+        self.ctl.workdir()
+    }
+
     /// Everything the fake holds.
     pub fn state(&self) -> State {
-        let mut resp = self
-            .agent
-            .get(format!(
-                "http://127.0.0.1:{}/state",
-                self.hello.control_port
-            ))
-            .call()
-            .expect("harness state");
-        let text = resp
-            .body_mut()
-            .read_to_string()
-            .expect("harness state body");
-        serde_json::from_str(&text).expect("harness state JSON")
+        self.ctl.state()
+    }
+
+    /// Everything the fake holds, as the JSON text the harness sent (for scans for secrets).
+    pub fn state_text(&self) -> String {
+        self.ctl.try_state_text().unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// VMs.
@@ -317,5 +468,8 @@ impl Drop for FakePve {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Killed, the harness cannot remove its workdir (its PKI, and kept ISOs: seed ISOs hold
+        // runner tokens).
+        let _ = std::fs::remove_dir_all(&self.hello.workdir);
     }
 }

@@ -138,6 +138,11 @@ impl GitlabFake {
         s.runners.get(&id).map(|r| s.status(r).to_owned())
     }
 
+    /// Deletes a runner behind the client's back (as an admin in the UI would); true if it existed.
+    pub fn delete_runner(&self, id: u64) -> bool {
+        lock(&self.state).runners.remove(&id).is_some()
+    }
+
     /// The runner's live token.
     pub fn token(&self, id: u64) -> Option<Secret> {
         self.runner(id).map(|r| r.token)

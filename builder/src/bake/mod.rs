@@ -10,6 +10,7 @@
 //! 5. **qcow2**: `qemu-img convert` with zstd compression, flattened.
 
 pub mod artifacts;
+pub mod changelog;
 pub mod disk;
 pub mod layer;
 pub mod rootfs;
@@ -49,6 +50,8 @@ pub struct Options {
     pub agent_binary: Option<PathBuf>,
     /// Resolve and report the plan, build nothing.
     pub dry_run: bool,
+    /// Write the package changelog (Markdown, see [`changelog`]) here.
+    pub changelog: Option<PathBuf>,
 }
 
 /// What a build would do (`--dry-run`).
@@ -187,6 +190,8 @@ pub struct Built {
     pub lock_changes: Vec<String>,
     /// The lock file.
     pub lock_path: PathBuf,
+    /// The package changelog written (`--changelog`).
+    pub changelog: Option<PathBuf>,
 }
 
 /// Resolves what a build would do without building (`--dry-run`).
@@ -653,12 +658,20 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
     };
     let manifest_path = Manifest::path_for(&image);
     manifest.write(&manifest_path)?;
+    if let Some(path) = &opt.changelog {
+        let md = changelog::render(&s.name, &manifest.version, old.as_ref(), &resolved);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs_err::create_dir_all(dir)?;
+        }
+        fs_err::write(path, md)?;
+    }
     Ok(Built {
         image,
         manifest_path,
         manifest,
         lock_changes,
         lock_path,
+        changelog: opt.changelog.clone(),
     })
 }
 

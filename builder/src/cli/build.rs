@@ -40,6 +40,11 @@ pub struct Args {
     /// Resolve sources, packages and the cache key, print the plan, build nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Write a Markdown package changelog to FILE: packages added, removed, upgraded and
+    /// downgraded (old → new version) and artifacts changed since the previous lock, or "No
+    /// package changes".
+    #[arg(long, value_name = "FILE", conflicts_with = "dry_run")]
+    pub changelog: Option<PathBuf>,
 }
 
 /// Runs `imagectl build`.
@@ -55,6 +60,7 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<i32> {
         version: a.version,
         agent_binary: a.agent_binary,
         dry_run: a.dry_run,
+        changelog: a.changelog,
     };
     if opt.dry_run {
         let plan = bake::plan(&loaded, &opt)?;
@@ -84,6 +90,7 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<i32> {
         "manifest": built.manifest_path,
         "lock": built.lock_path,
         "lock_changes": built.lock_changes,
+        "changelog": built.changelog,
         "name": built.manifest.name,
         "version": built.manifest.version,
         "sha256": built.manifest.sha256,

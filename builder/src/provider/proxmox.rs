@@ -489,7 +489,7 @@ impl Provider for ProxmoxProvider {
                 i.name != "lo" && !i.name.starts_with("docker") && !i.name.starts_with("br-")
             })
             .flat_map(|i| i.ips.iter())
-            .find(|a| a.kind == "ipv4" && !a.ip.starts_with("127."))
+            .find(|a| a.kind == "ipv4")
             .map(|a| a.ip.clone())
             .ok_or_else(|| anyhow!("VM {} reports no IPv4 address", vm.id))?;
         Ok([9100, 8080, 9252]
