@@ -10,6 +10,9 @@ It prints one JSON line on stdout once both servers listen:
     {"port", "control_port", "fingerprint", "ca_file", "token", "workdir"}
 and exits when its stdin is closed (the Rust wrapper holds the pipe), or on SIGTERM.
 
+Control commands added for timing: `task-secs` {TYPE: PVE seconds} makes every task of a type
+take that long (scaled by the time scale), so benchmarks see realistic clone/start/upload times.
+
 Where fakepve 0.5.0 differs from the PVE docs, and what this subclass does about it:
 * upload accepts only content=iso/vztmpl although the PVE 9 schema allows `import`: we accept
   `import` with PVE's filename rule (SAFE_CHAR_CLASS + .qcow2|.raw|.vmdk|.ova, else 400
@@ -309,6 +312,13 @@ class ImagectlPve(FakePve):
                     self._drop(os.path.join(top, sid, filename))
 
     async def task(self, node, ttype, tid, user, body, vm=None, lock=True, log=()):
+        took = self.task_secs.get(ttype) if hasattr(self, 'task_secs') else None
+        if took:
+            work = body
+
+            async def body():
+                await self.pause(took)
+                return await work()
         if ttype == 'imgdel':
             inner = body
 
@@ -468,6 +478,9 @@ def control_app(pve):
                                     'ip-addresses': [{'ip-address': '127.0.0.1', 'ip-address-type': 'ipv4',
                                                       'prefix': 8}]}]}
                 vm.agent_hangs = bool(a.get('hangs', False))
+            elif cmd == 'task-secs':
+                # PVE seconds each task type takes (scaled by the time scale), e.g. {"qmclone": 3}.
+                pve.task_secs = {str(k): float(v) for k, v in a.items()}
             elif cmd == 'time-scale':
                 pve.time_scale = float(a['value'])
             else:

@@ -21,6 +21,7 @@ use serde_json::Value;
 use std::process::{Command, Output};
 use std::time::Instant;
 
+mod bench;
 mod faults;
 
 /// fakepve + GitLab fake + emulated guests + a working directory.
