@@ -27,7 +27,10 @@ fn deploy(env: &mut PveFleet, fleet: &str, n: usize) -> f64 {
     let secs = t.elapsed().as_secs_f64();
     assert!(o.status.success(), "{rep}");
     assert_eq!(env.vms(fleet).len(), n, "{rep}");
-    assert!(rep["failed"].as_array().is_some_and(Vec::is_empty), "0 failures: {rep}");
+    assert!(
+        rep["failed"].as_array().is_some_and(Vec::is_empty),
+        "0 failures: {rep}"
+    );
     let (o, rep) = env.json(&["destroy", "--fleet", fleet, "--quiet"]);
     assert!(o.status.success(), "{rep}");
     env.assert_nothing_left(fleet);
@@ -67,7 +70,10 @@ fn fleet_pve_bench() {
     for r in 0..rounds {
         let a = deploy(&mut env, &format!("bone{r}"), 1);
         let b = deploy(&mut env, &format!("bten{r}"), 10);
-        println!("FLEET-BENCH round={r} one_vm_s={a:.1} ten_vm_s={b:.1} ratio={:.2}", b / a);
+        println!(
+            "FLEET-BENCH round={r} one_vm_s={a:.1} ten_vm_s={b:.1} ratio={:.2}",
+            b / a
+        );
         one.push(a);
         ten.push(b);
     }

@@ -196,3 +196,135 @@ fn fleet_pve_faults() {
 
     env.assert_no_tokens();
 }
+
+#[test]
+fn fleet_pve_drain_vmid_retry_placement_and_ctrl_c() {
+    let opts = GuestOptions::default().mode_for(|name| {
+        if name.starts_with("ftint-") {
+            GuestMode::NoBoot
+        } else {
+            GuestMode::Normal
+        }
+    });
+    let mut env = PveFleet::new(0.0, opts);
+    env.publish("1.0");
+
+    // A VM id taken between allocation and clone: retried with another id.
+    env.pve.fail(
+        "POST",
+        "/clone",
+        500,
+        "unable to create VM 100: config file already exists",
+        Some(1),
+    );
+    let (o, rep) = env.json(&[
+        "deploy", "--fleet", "ftdrain", "--count", "1", "--image", "1.0",
+    ]);
+    assert!(
+        o.status.success(),
+        "an id taken meanwhile failed the deploy: {rep}"
+    );
+    assert_eq!(env.vms("ftdrain").len(), 1);
+
+    // Drain: a running job keeps the VM; after the drain timeout it stays, paused.
+    let runner = env.runners("ftdrain")[0].clone();
+    env.gl.add_running_job(runner.id);
+    let (o, rep) = env.json(&[
+        "deploy",
+        "--fleet",
+        "ftdrain",
+        "--count",
+        "0",
+        "--drain-timeout",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{rep}");
+    assert_eq!(
+        env.vms("ftdrain").len(),
+        1,
+        "a VM with a running job was deleted: {rep}"
+    );
+    let r = env.gl.runner(runner.id).expect("runner kept");
+    assert!(r.paused, "the runner of a draining VM is paused");
+    // The job finishes: the drain completes.
+    env.gl.finish_jobs(runner.id);
+    let (o, rep) = env.json(&[
+        "deploy",
+        "--fleet",
+        "ftdrain",
+        "--count",
+        "0",
+        "--drain-timeout",
+        "30",
+    ]);
+    assert!(o.status.success(), "{rep}");
+    env.assert_nothing_left("ftdrain");
+
+    // --force: a job still running at the timeout does not keep the VM.
+    let (o, rep) = env.json(&[
+        "deploy", "--fleet", "ftforce", "--count", "1", "--image", "1.0",
+    ]);
+    assert!(o.status.success(), "{rep}");
+    let runner = env.runners("ftforce")[0].clone();
+    env.gl.add_running_job(runner.id);
+    let (o, rep) = env.json(&[
+        "destroy",
+        "--fleet",
+        "ftforce",
+        "--drain-timeout",
+        "2",
+        "--force",
+    ]);
+    assert!(o.status.success(), "{rep}");
+    env.assert_nothing_left("ftforce");
+
+    // A template on one node's local storage: VMs only go where it is.
+    let img = crate::publish::image(env.dir.path(), "3.0", &["bios"]);
+    let o = crate::publish::publish(
+        &env.pve,
+        env.dir.path(),
+        &img,
+        &["--storage", "local-lvm"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (o, rep) = env.json(&[
+        "deploy", "--fleet", "ftnode", "--count", "2", "--image", "3.0",
+    ]);
+    assert!(o.status.success(), "{rep}");
+    let nodes: Vec<String> = env.vms("ftnode").iter().map(|v| v.node.clone()).collect();
+    assert_eq!(nodes, ["pve1", "pve1"], "placed off the template's node");
+    let (o, rep) = env.json(&["destroy", "--fleet", "ftnode"]);
+    assert!(o.status.success(), "{rep}");
+    env.assert_nothing_left("ftnode");
+
+    // Ctrl-C while the VM boots: rolled back, exit non-zero.
+    let child = env
+        .command(&[
+            "deploy", "--fleet", "ftint", "--count", "1", "--image", "1.0", "--output", "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("deploy");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !env.vms("ftint").iter().any(|v| v.status == "running") {
+        assert!(Instant::now() < until, "the VM never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let k = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(k.success());
+    let out = child.wait_with_output().expect("deploy output");
+    env.outputs.extend_from_slice(&out.stdout);
+    env.outputs.extend_from_slice(&out.stderr);
+    assert!(!out.status.success(), "an interrupted deploy succeeded");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("interrupted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.assert_nothing_left("ftint");
+    env.assert_no_tokens();
+}
