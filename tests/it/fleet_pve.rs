@@ -151,8 +151,9 @@ impl PveFleet {
         assert!(staged.is_empty(), "staged seeds left: {staged:?}");
         let pools = self.pve.state().pools;
         assert!(
-            !pools.contains(&format!("imagectl-lock-{fleet}")),
-            "the lock pool of {fleet} was left behind: {pools:?}"
+            !pools.contains(&format!("imagectl-lock-{fleet}"))
+                && !pools.contains(&format!("imagectl-{fleet}")),
+            "a pool of {fleet} was left behind: {pools:?}"
         );
     }
 
@@ -239,6 +240,10 @@ fn fleet_pve_lifecycle() {
             "seed still attached: {ide2}"
         );
     }
+    assert!(
+        env.pve.state().pools.contains(&"imagectl-ci".to_string()),
+        "the fleet's pool"
+    );
     let runners = env.runners(fleet);
     assert_eq!(runners.len(), 3);
     for r in &runners {

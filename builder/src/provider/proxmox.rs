@@ -12,8 +12,11 @@
 //!   (templates are i440fx, whose IDE Debian's cloud kernel drives), detached and deleted once
 //!   the runner is online.
 //! * **Status**: the agent's `status.json` read through the QEMU guest agent (`file-read`).
-//! * **Lock**: a resource pool per fleet ([`lock`]).
+//! * **Pool**: the VMs of a fleet join the resource pool `imagectl-<fleet>` (or `--pool`), made on
+//!   first use and removed once empty, so permissions can be scoped to `/pool/…`.
+//! * **Lock**: a second, empty pool per fleet while a command changes it ([`lock`]).
 
+mod clone;
 pub mod facts;
 pub mod lock;
 
@@ -23,7 +26,7 @@ use super::{
 use crate::config::VmidRange;
 use crate::publish::list_images;
 use crate::remote::pve::{params, seg, PveClient, PveError};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use facts::VmFacts;
 use futures_util::stream::{self, StreamExt};
 use imagectl_proto::{AgentStatus, STATUS_PATH};
@@ -37,7 +40,7 @@ use std::time::Duration;
 pub struct ProxmoxOptions {
     /// File storage with `iso` content for the seeds (default `local`).
     pub seed_storage: String,
-    /// Resource pool the VMs join.
+    /// Resource pool the VMs join (default `imagectl-<fleet>`).
     pub pool: Option<String>,
     /// Storage of full clones (default: the template's).
     pub full_storage: Option<String>,
@@ -122,79 +125,6 @@ impl ProxmoxProvider {
                 false
             }
         }
-    }
-
-    async fn clone_vm(&self, req: &CreateVm) -> Result<(u32, String, u32)> {
-        let locs = facts::parse_locations(&req.image.location);
-        let first = locs
-            .first()
-            .cloned()
-            .ok_or_else(|| anyhow!("image {} has no template", req.image.version))?;
-        let node = req.node.clone().unwrap_or_else(|| first.0.clone());
-        let (tnode, tvmid) = locs
-            .iter()
-            .find(|(n, _)| *n == node)
-            .cloned()
-            .unwrap_or(first);
-        let mut tried = HashSet::new();
-        for _ in 0..8 {
-            let vmid = {
-                let claimed = self.claimed.lock().map(|c| c.clone()).unwrap_or_default();
-                let mut skip = tried.clone();
-                skip.extend(claimed);
-                crate::publish::allocate_vmid(&self.pve, self.opts.vmid_range, &skip).await?
-            };
-            let fresh = self
-                .claimed
-                .lock()
-                .map(|mut c| c.insert(vmid))
-                .unwrap_or(true);
-            if !fresh {
-                tried.insert(vmid);
-                continue;
-            }
-            let mut form = vec![
-                ("newid".to_string(), vmid.to_string()),
-                ("name".to_string(), req.name.clone()),
-                ("full".to_string(), u8::from(req.full_clone).to_string()),
-            ];
-            if node != tnode {
-                form.push(("target".into(), node.clone()));
-            }
-            if let Some(p) = &self.opts.pool {
-                form.push(("pool".into(), p.clone()));
-            }
-            if let (true, Some(s)) = (req.full_clone, &self.opts.full_storage) {
-                form.push(("storage".into(), s.clone()));
-            }
-            let path = format!("{}/clone", Self::qemu(&tnode, &tvmid.to_string()));
-            let r = self.pve.run_task(&path, form).await;
-            if let Ok(mut c) = self.claimed.lock() {
-                c.remove(&vmid);
-            }
-            match r {
-                Ok(_) => return Ok((vmid, node, tvmid)),
-                Err(e) if e.is_already_exists() => {
-                    tracing::info!("VM id {vmid} was taken meanwhile; trying another");
-                    tried.insert(vmid);
-                }
-                Err(e) => {
-                    // A failed clone task may leave a half-made VM (PVE usually removes it).
-                    if let Ok(Some((n, _))) = self.find(&vmid.to_string(), &req.name).await {
-                        if let Err(d) = self.pve.destroy_vm(&n, vmid).await {
-                            tracing::warn!("removing the half-made VM {vmid}: {d}");
-                        }
-                    }
-                    return Err(e).with_context(|| {
-                        format!("cloning template {tvmid} on {tnode} to VM {vmid} on {node}")
-                    });
-                }
-            }
-        }
-        bail!(
-            "could not find a free VM id for {} after 8 attempts",
-            req.name
-        )
     }
 }
 
@@ -614,6 +544,9 @@ impl Provider for ProxmoxProvider {
     }
 
     async fn unlock(&self, l: &FleetLock) -> Result<()> {
+        if let Err(e) = self.remove_pool_if_empty(&l.fleet).await {
+            tracing::warn!("{e:#}");
+        }
         lock::unlock(&self.pve, l).await
     }
 }

@@ -280,12 +280,7 @@ fn fleet_pve_drain_vmid_retry_placement_and_ctrl_c() {
 
     // A template on one node's local storage: VMs only go where it is.
     let img = crate::publish::image(env.dir.path(), "3.0", &["bios"]);
-    let o = crate::publish::publish(
-        &env.pve,
-        env.dir.path(),
-        &img,
-        &["--storage", "local-lvm"],
-    );
+    let o = crate::publish::publish(&env.pve, env.dir.path(), &img, &["--storage", "local-lvm"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (o, rep) = env.json(&[
         "deploy", "--fleet", "ftnode", "--count", "2", "--image", "3.0",

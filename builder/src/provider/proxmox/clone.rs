@@ -1,0 +1,145 @@
+//! Cloning a fleet VM from its template (VM id retries, half-made clean-up) and the fleet's
+//! resource pool.
+
+use super::{facts, ProxmoxProvider};
+use crate::provider::CreateVm;
+use crate::remote::pve::params;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use std::collections::HashSet;
+
+impl ProxmoxProvider {
+    /// The pool of `fleet`'s VMs.
+    fn pool_of(&self, fleet: &str) -> String {
+        self.opts
+            .pool
+            .clone()
+            .unwrap_or_else(|| format!("imagectl-{fleet}"))
+    }
+
+    /// Creates the fleet's pool unless it exists.
+    async fn ensure_pool(&self, fleet: &str) -> Result<()> {
+        let id = self.pool_of(fleet);
+        let r = self
+            .pve
+            .post::<serde_json::Value>(
+                "/pools",
+                params([
+                    ("poolid", id.clone()),
+                    ("comment", format!("imagectl runner VMs of fleet {fleet}")),
+                ]),
+            )
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_already_exists() => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("creating the pool {id} of fleet {fleet}")),
+        }
+    }
+
+    /// Removes the fleet's own pool (not a `--pool`) once no VM is in it.
+    pub(super) async fn remove_pool_if_empty(&self, fleet: &str) -> Result<()> {
+        if self.opts.pool.is_some() {
+            return Ok(());
+        }
+        #[derive(Deserialize)]
+        struct Pool {
+            #[serde(default)]
+            members: Vec<serde_json::Value>,
+        }
+        let id = self.pool_of(fleet);
+        let pools: Vec<Pool> = match self
+            .pve
+            .get("/pools", params([("poolid", id.as_str())]))
+            .await
+        {
+            Ok(p) => p,
+            Err(e) if e.message().is_some_and(|m| m.contains("does not exist")) => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading the pool {id}")),
+        };
+        if pools.iter().all(|p| p.members.is_empty()) {
+            match self
+                .pve
+                .delete::<serde_json::Value>("/pools", params([("poolid", id.as_str())]))
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.message().is_some_and(|m| m.contains("not empty")) => {}
+                Err(e) => return Err(e).with_context(|| format!("removing the empty pool {id}")),
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn clone_vm(&self, req: &CreateVm) -> Result<(u32, String, u32)> {
+        self.ensure_pool(&req.fleet).await?;
+        let locs = facts::parse_locations(&req.image.location);
+        let first = locs
+            .first()
+            .cloned()
+            .ok_or_else(|| anyhow!("image {} has no template", req.image.version))?;
+        let node = req.node.clone().unwrap_or_else(|| first.0.clone());
+        let (tnode, tvmid) = locs
+            .iter()
+            .find(|(n, _)| *n == node)
+            .cloned()
+            .unwrap_or(first);
+        let mut tried = HashSet::new();
+        for _ in 0..8 {
+            let vmid = {
+                let claimed = self.claimed.lock().map(|c| c.clone()).unwrap_or_default();
+                let mut skip = tried.clone();
+                skip.extend(claimed);
+                crate::publish::allocate_vmid(&self.pve, self.opts.vmid_range, &skip).await?
+            };
+            let fresh = self
+                .claimed
+                .lock()
+                .map(|mut c| c.insert(vmid))
+                .unwrap_or(true);
+            if !fresh {
+                tried.insert(vmid);
+                continue;
+            }
+            let mut form = vec![
+                ("newid".to_string(), vmid.to_string()),
+                ("name".to_string(), req.name.clone()),
+                ("full".to_string(), u8::from(req.full_clone).to_string()),
+            ];
+            if node != tnode {
+                form.push(("target".into(), node.clone()));
+            }
+            form.push(("pool".into(), self.pool_of(&req.fleet)));
+            if let (true, Some(s)) = (req.full_clone, &self.opts.full_storage) {
+                form.push(("storage".into(), s.clone()));
+            }
+            let path = format!("{}/clone", Self::qemu(&tnode, &tvmid.to_string()));
+            let r = self.pve.run_task(&path, form).await;
+            if let Ok(mut c) = self.claimed.lock() {
+                c.remove(&vmid);
+            }
+            match r {
+                Ok(_) => return Ok((vmid, node, tvmid)),
+                Err(e) if e.is_already_exists() => {
+                    tracing::info!("VM id {vmid} was taken meanwhile; trying another");
+                    tried.insert(vmid);
+                }
+                Err(e) => {
+                    // A failed clone task may leave a half-made VM (PVE usually removes it).
+                    if let Ok(Some((n, _))) = self.find(&vmid.to_string(), &req.name).await {
+                        if let Err(d) = self.pve.destroy_vm(&n, vmid).await {
+                            tracing::warn!("removing the half-made VM {vmid}: {d}");
+                        }
+                    }
+                    return Err(e).with_context(|| {
+                        format!("cloning template {tvmid} on {tnode} to VM {vmid} on {node}")
+                    });
+                }
+            }
+        }
+        bail!(
+            "could not find a free VM id for {} after 8 attempts",
+            req.name
+        )
+    }
+}
