@@ -119,7 +119,6 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<i32> {
         None => {
             let why =
                 "no GitLab settings (GITLAB_URL, GITLAB_TOKEN): orphan runners and VMs not checked";
-            eprintln!("note: {why}");
             report.orphans_skipped = Some(why.into());
         }
     }

@@ -26,15 +26,9 @@ pub struct Args {
     /// cloud-init instance id (default: iid-<host>-<random>).
     #[arg(long, value_name = "ID")]
     pub instance_id: Option<String>,
-    /// GitLab base URL for the agent (writes imagectl/agent.json; needs --runner-id and a token).
-    #[arg(long, value_name = "URL")]
-    pub gitlab_url: Option<String>,
-    /// Id of the runner created for this VM.
-    #[arg(long, value_name = "N")]
-    pub runner_id: Option<u64>,
-    /// File holding the runner token (glrt-…); or set IMAGECTL_RUNNER_TOKEN.
-    #[arg(long, value_name = "PATH")]
-    pub token_file: Option<PathBuf>,
+    /// The agent's runner (writes imagectl/agent.json).
+    #[command(flatten)]
+    pub agent: AgentSeedArgs,
     /// Runner name for config.toml (default: imagectl/manual/<hostname>).
     #[arg(long, value_name = "NAME")]
     pub runner_name: Option<String>,
@@ -56,6 +50,20 @@ pub struct Args {
     /// DNS server for --static-ip (repeatable).
     #[arg(long, value_name = "IP", requires = "static_ip")]
     pub dns: Vec<IpAddr>,
+}
+
+/// The runner an agent seed registers (shared by `imagectl seed` and `imagectl test`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct AgentSeedArgs {
+    /// GitLab base URL for the agent (writes imagectl/agent.json; needs --runner-id and a token).
+    #[arg(long, value_name = "URL")]
+    pub gitlab_url: Option<String>,
+    /// Id of the runner created for this VM.
+    #[arg(long, value_name = "N")]
+    pub runner_id: Option<u64>,
+    /// File holding the runner token (glrt-…); or set IMAGECTL_RUNNER_TOKEN.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Reads the runner token from `file` or, without one, from [`TOKEN_ENV`]. Never echoes it.
@@ -158,9 +166,9 @@ fn config_from_args(a: &Args) -> Result<SeedConfig> {
     }
     cfg.agent = agent_from_flags(
         &a.hostname,
-        a.gitlab_url.as_deref(),
-        a.runner_id,
-        a.token_file.as_deref(),
+        a.agent.gitlab_url.as_deref(),
+        a.agent.runner_id,
+        a.agent.token_file.as_deref(),
         a.runner_name.as_deref(),
         a.ca_bundle.as_deref(),
     )?;

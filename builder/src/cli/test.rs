@@ -61,15 +61,9 @@ pub struct Args {
     /// Copy the serial console to FILE (FILE.bios / FILE.uefi with --firmware both).
     #[arg(long, value_name = "FILE")]
     pub serial_log: Option<PathBuf>,
-    /// GitLab URL for an agent seed (adds the agent-status check; needs --runner-id and a token).
-    #[arg(long, value_name = "URL")]
-    pub gitlab_url: Option<String>,
-    /// Runner id for the agent seed.
-    #[arg(long, value_name = "N")]
-    pub runner_id: Option<u64>,
-    /// File holding the runner token; or set IMAGECTL_RUNNER_TOKEN.
-    #[arg(long, value_name = "PATH")]
-    pub token_file: Option<PathBuf>,
+    /// An agent seed for the boot (adds the agent-status check).
+    #[command(flatten)]
+    pub agent: super::seed::AgentSeedArgs,
     /// Relay the guest's 10.0.2.100:80 to 127.0.0.1:PORT (e.g. a GitLab fake; use --gitlab-url http://10.0.2.100).
     #[arg(long, value_name = "PORT")]
     pub gitlab_forward: Option<u16>,
@@ -82,9 +76,9 @@ pub struct Args {
 pub fn run(g: &Global, a: Args) -> Result<i32> {
     let agent = agent_from_flags(
         "imagectl-test",
-        a.gitlab_url.as_deref(),
-        a.runner_id,
-        a.token_file.as_deref(),
+        a.agent.gitlab_url.as_deref(),
+        a.agent.runner_id,
+        a.agent.token_file.as_deref(),
         None,
         None,
     )?;
