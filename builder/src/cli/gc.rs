@@ -67,20 +67,30 @@ struct Report {
     failed: Vec<String>,
 }
 
-fn pve_configured(a: &Args) -> bool {
-    a.pve.endpoint.is_some()
-        || std::env::var(crate::config::env::ENDPOINT).is_ok_and(|v| !v.trim().is_empty())
+/// A PVE endpoint from the flag, the environment or `[proxmox] endpoint` of the settings file.
+fn pve_configured(a: &Args) -> anyhow::Result<bool> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    if a.pve.endpoint.is_some() || env(crate::config::env::ENDPOINT).is_some() {
+        return Ok(true);
+    }
+    Ok(
+        match crate::config::locate(a.pve.config.as_deref(), &env)? {
+            Some(p) => crate::config::ConfigFile::read(&p)?
+                .proxmox
+                .endpoint
+                .is_some(),
+            None => false,
+        },
+    )
 }
 
 /// Runs `imagectl gc`.
 pub fn run(g: &Global, a: Args) -> anyhow::Result<i32> {
-    let kind = a
-        .provider
-        .unwrap_or(if a.keep.is_some() || pve_configured(&a) {
-            ProviderKind::Proxmox
-        } else {
-            ProviderKind::Local
-        });
+    let kind = match a.provider {
+        Some(k) => k,
+        None if a.keep.is_some() || pve_configured(&a)? => ProviderKind::Proxmox,
+        None => ProviderKind::Local,
+    };
     if a.keep.is_some() && kind == ProviderKind::Local {
         return Err(input(
             "--keep deletes Proxmox templates; it needs --provider proxmox",

@@ -64,17 +64,6 @@ struct FileRead {
     content: String,
 }
 
-/// Guest agent answers that mean "not there yet" rather than "broken".
-fn agent_not_ready(e: &PveError) -> bool {
-    e.message().is_some_and(|m| {
-        m.contains("guest agent is not running")
-            || m.contains("No such file")
-            || m.contains("guest-file-open")
-            || m.contains("got timeout")
-            || m.contains("not running")
-    })
-}
-
 impl ProxmoxProvider {
     /// A provider over a PVE client.
     pub fn new(pve: PveClient, opts: ProxmoxOptions) -> Self {
@@ -344,7 +333,8 @@ impl Provider for ProxmoxProvider {
                     Ok(None)
                 }
             },
-            Err(e) if agent_not_ready(&e) => Ok(None),
+            // "QEMU guest agent is not running", "guest-file-open … No such file", a guest-agent
+            // timeout: not there yet. A VM that is gone is an error.
             Err(e) if e.status().is_some_and(|s| s >= 500) && !e.is_not_found() => {
                 tracing::debug!("guest agent of VM {}: {e}", vm.id);
                 Ok(None)
@@ -488,7 +478,7 @@ impl Provider for ProxmoxProvider {
                 .await
             {
                 Ok(v) => v,
-                Err(e) if e.message().is_some_and(|m| m.contains("does not exist")) => continue,
+                Err(e) if e.is_not_found() => continue,
                 Err(e) => {
                     return Err(e).with_context(|| {
                         format!("listing seeds on {} of {}", self.opts.seed_storage, n.name)
@@ -528,10 +518,7 @@ impl Provider for ProxmoxProvider {
         match self.pve.delete_volume(node, volid).await {
             Ok(()) => Ok(()),
             Err(e)
-                if e.is_not_found()
-                    || e.message().is_some_and(|m| {
-                        m.contains("does not exist") || m.contains("No such file")
-                    }) =>
+                if e.is_not_found() || e.message().is_some_and(|m| m.contains("No such file")) =>
             {
                 Ok(())
             }

@@ -1,11 +1,10 @@
 //! Cloning a fleet VM from its template (VM id retries, half-made clean-up) and the fleet's
 //! resource pool.
 
-use super::{facts, ProxmoxProvider};
+use super::{facts, lock, ProxmoxProvider};
 use crate::provider::CreateVm;
 use crate::remote::pve::params;
 use anyhow::{anyhow, bail, Context, Result};
-use serde::Deserialize;
 use std::collections::HashSet;
 
 impl ProxmoxProvider {
@@ -42,28 +41,14 @@ impl ProxmoxProvider {
         if self.opts.pool.is_some() {
             return Ok(());
         }
-        #[derive(Deserialize)]
-        struct Pool {
-            #[serde(default)]
-            members: Vec<serde_json::Value>,
-        }
         let id = self.pool_of(fleet);
-        let pools: Vec<Pool> = match self
-            .pve
-            .get("/pools", params([("poolid", id.as_str())]))
-            .await
-        {
-            Ok(p) => p,
-            Err(e) if e.message().is_some_and(|m| m.contains("does not exist")) => return Ok(()),
-            Err(e) => return Err(e).with_context(|| format!("reading the pool {id}")),
-        };
-        if pools.iter().all(|p| p.members.is_empty()) {
-            match self
-                .pve
-                .delete::<serde_json::Value>("/pools", params([("poolid", id.as_str())]))
-                .await
-            {
-                Ok(_) => {}
+        let empty = lock::pool(&self.pve, &id)
+            .await?
+            .is_some_and(|p| p.members.is_empty());
+        if empty {
+            match lock::delete_pool(&self.pve, &id).await {
+                Ok(()) => {}
+                // A VM joined meanwhile.
                 Err(e) if e.message().is_some_and(|m| m.contains("not empty")) => {}
                 Err(e) => return Err(e).with_context(|| format!("removing the empty pool {id}")),
             }

@@ -7,7 +7,7 @@
 //! stays empty, so it never constrains permissions or VMs. Needs `Pool.Allocate` on `/pool`.
 
 use crate::provider::{now_rfc3339, parse_rfc3339, rfc3339, FleetLock};
-use crate::remote::pve::{params, PveClient};
+use crate::remote::pve::{params, PveClient, PveError};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::time::Duration;
@@ -43,25 +43,46 @@ pub fn parse(comment: &str) -> Option<FleetLock> {
     })
 }
 
+/// A resource pool as `GET /pools?poolid=` describes it.
 #[derive(Deserialize)]
-struct Pool {
+pub(super) struct Pool {
+    /// Its comment.
     #[serde(default)]
-    comment: Option<String>,
+    pub comment: Option<String>,
+    /// VMs and storages in it.
+    #[serde(default)]
+    pub members: Vec<serde_json::Value>,
 }
 
-async fn read(pve: &PveClient, id: &str) -> Result<Option<Option<FleetLock>>> {
+/// The pool `id`, or `None` when it does not exist.
+pub(super) async fn pool(pve: &PveClient, id: &str) -> Result<Option<Pool>> {
     match pve
         .get::<Vec<Pool>>("/pools", params([("poolid", id)]))
         .await
     {
-        Ok(p) => Ok(Some(
-            p.first().and_then(|p| p.comment.as_deref()).and_then(parse),
-        )),
-        Err(e) if e.is_not_found() || e.message().is_some_and(|m| m.contains("does not exist")) => {
-            Ok(None)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading the fleet lock (pool {id})")),
+        Ok(p) => Ok(p.into_iter().next()),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading pool {id}")),
     }
+}
+
+/// Deletes the pool `id`; succeeds when it is already gone.
+pub(super) async fn delete_pool(pve: &PveClient, id: &str) -> Result<(), PveError> {
+    match pve
+        .delete::<serde_json::Value>("/pools", params([("poolid", id)]))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The lock in pool `id`: `None` when the pool is gone, `Some(None)` when it is not a lock.
+async fn read(pve: &PveClient, id: &str) -> Result<Option<Option<FleetLock>>> {
+    Ok(pool(pve, id)
+        .await?
+        .map(|p| p.comment.as_deref().and_then(parse)))
 }
 
 /// Takes the lock of `fleet` for `ttl`; an error naming the holder when someone else has it.
@@ -130,14 +151,9 @@ pub async fn lock(pve: &PveClient, fleet: &str, ttl: Duration) -> Result<FleetLo
 }
 
 async fn remove(pve: &PveClient, id: &str) -> Result<()> {
-    match pve
-        .delete::<serde_json::Value>("/pools", params([("poolid", id)]))
+    delete_pool(pve, id)
         .await
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.message().is_some_and(|m| m.contains("does not exist")) => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing the fleet lock (pool {id})")),
-    }
+        .with_context(|| format!("removing the fleet lock (pool {id})"))
 }
 
 /// Gives the lock back if `l` still holds it.
