@@ -20,6 +20,7 @@
 //! panics) interrupts imagectl commands of its own that still run, runs `imagectl destroy
 //! --fleet F` for every fleet it touched, and kills what is left of its QEMU processes.
 
+use crate::publish::stderr;
 use crate::support::{
     agent_bin, cache_dir, heavy, imagectl_bin, offline_image, test_dir, workspace,
 };
@@ -81,30 +82,19 @@ impl Env {
 
     /// Runs imagectl to completion; keeps its output for the token scan.
     fn run(&mut self, args: &[&str]) -> Output {
-        let t = Instant::now();
-        let o = self.command(args).output().expect("running imagectl");
-        eprintln!(
-            "fleet_local: imagectl {} → {} in {:.0}s",
-            args.join(" "),
-            o.status,
-            t.elapsed().as_secs_f64()
-        );
-        self.outputs.extend_from_slice(&o.stdout);
-        self.outputs.extend_from_slice(&o.stderr);
-        o
+        run_logged(
+            &mut self.command(args),
+            "fleet_local",
+            args,
+            &mut self.outputs,
+        )
     }
 
     fn json(&mut self, args: &[&str]) -> (Output, Value) {
         let mut a = args.to_vec();
         a.extend(["--output", "json"]);
         let o = self.run(&a);
-        let v = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-            panic!(
-                "imagectl {args:?}: stdout is not JSON ({e}): {}\nstderr: {}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )
-        });
+        let v = stdout_json(args, &o);
         (o, v)
     }
 
@@ -356,8 +346,54 @@ fn qemu_pids(fleet: &str) -> Vec<u32> {
     out
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+/// Runs an imagectl command to completion, logs how long it took and keeps its output (for the
+/// token scans).
+pub(crate) fn run_logged(
+    cmd: &mut Command,
+    label: &str,
+    args: &[&str],
+    outputs: &mut Vec<u8>,
+) -> Output {
+    let t = Instant::now();
+    let o = cmd.output().expect("running imagectl");
+    eprintln!(
+        "{label}: imagectl {} → {} in {:.1}s",
+        args.join(" "),
+        o.status,
+        t.elapsed().as_secs_f64()
+    );
+    outputs.extend_from_slice(&o.stdout);
+    outputs.extend_from_slice(&o.stderr);
+    o
+}
+
+/// Waits for a spawned imagectl and keeps its output (for the token scans).
+pub(crate) fn collect(child: std::process::Child, outputs: &mut Vec<u8>) -> Output {
+    let out = child.wait_with_output().expect("imagectl output");
+    outputs.extend_from_slice(&out.stdout);
+    outputs.extend_from_slice(&out.stderr);
+    out
+}
+
+/// Sends a running imagectl SIGINT (Ctrl-C) and collects it.
+pub(crate) fn interrupt(child: std::process::Child, outputs: &mut Vec<u8>) -> Output {
+    let k = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(k.success());
+    collect(child, outputs)
+}
+
+/// The JSON document on stdout of `imagectl ARGS --output json`.
+pub(crate) fn stdout_json(args: &[&str], o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "imagectl {args:?}: stdout is not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&o.stdout),
+            stderr(o)
+        )
+    })
 }
 
 /// An image store with two versions of the offline image: the one `offline_image()` baked
@@ -660,14 +696,7 @@ fn fleet_local_faults() {
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(3));
-    let k = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(k.success());
-    let out = child.wait_with_output().expect("deploy output");
-    env.outputs.extend_from_slice(&out.stdout);
-    env.outputs.extend_from_slice(&out.stderr);
+    let out = interrupt(child, &mut env.outputs);
     assert!(!out.status.success(), "an interrupted deploy succeeded");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("interrupted"),

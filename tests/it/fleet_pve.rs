@@ -11,6 +11,8 @@
 //!   timeout, a failed rollout, the fleet lock — each asserting 0 orphan VMs, runners and seeds.
 
 pub(crate) use crate::fleet_local::names;
+use crate::fleet_local::{run_logged, stdout_json};
+pub(crate) use crate::publish::stderr;
 use crate::publish::{command, image, publish};
 use crate::support::agent_bin;
 use imagectl_proto::Secret;
@@ -19,7 +21,6 @@ use imagectl_tests::gitlab_fake::GitlabFake;
 use imagectl_tests::pve_guest::{GuestEmulator, GuestOptions};
 use serde_json::Value;
 use std::process::{Command, Output};
-use std::time::Instant;
 
 mod bench;
 mod faults;
@@ -77,30 +78,19 @@ impl PveFleet {
     }
 
     pub fn run(&mut self, args: &[&str]) -> Output {
-        let t = Instant::now();
-        let o = self.command(args).output().expect("running imagectl");
-        eprintln!(
-            "fleet_pve: imagectl {} → {} in {:.1}s",
-            args.join(" "),
-            o.status,
-            t.elapsed().as_secs_f64()
-        );
-        self.outputs.extend_from_slice(&o.stdout);
-        self.outputs.extend_from_slice(&o.stderr);
-        o
+        run_logged(
+            &mut self.command(args),
+            "fleet_pve",
+            args,
+            &mut self.outputs,
+        )
     }
 
     pub fn json(&mut self, args: &[&str]) -> (Output, Value) {
         let mut a = args.to_vec();
         a.extend(["--output", "json"]);
         let o = self.run(&a);
-        let v = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-            panic!(
-                "imagectl {args:?}: stdout is not JSON ({e}): {}\nstderr: {}",
-                String::from_utf8_lossy(&o.stdout),
-                stderr(&o)
-            )
-        });
+        let v = stdout_json(args, &o);
         (o, v)
     }
 
@@ -188,10 +178,6 @@ impl PveFleet {
             }
         }
     }
-}
-
-pub(crate) fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn versions(env: &PveFleet, fleet: &str) -> Vec<String> {
@@ -375,4 +361,33 @@ fn fleet_pve_lifecycle() {
     env.assert_nothing_left(fleet);
     assert_eq!(env.pve.vms().iter().filter(|v| v.template).count(), 2);
     env.assert_no_tokens();
+}
+
+#[test]
+fn gc_picks_proxmox_when_the_settings_file_names_an_endpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("imagectl.toml"),
+        "[proxmox]\nendpoint = \"https://127.0.0.1:9\"\n",
+    )
+    .unwrap();
+    // No token anywhere: only the Proxmox provider needs one, so the error proves the choice.
+    let o = command(dir.path(), &[], &["gc", "--dry-run"])
+        .output()
+        .expect("running imagectl");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no PVE API token"), "{}", stderr(&o));
+    // Without the file, the local provider is used and needs none.
+    std::fs::remove_file(dir.path().join("imagectl.toml")).unwrap();
+    let o = command(
+        dir.path(),
+        &[(
+            "IMAGECTL_STATE_DIR",
+            dir.path().join("st").display().to_string(),
+        )],
+        &["gc", "--dry-run"],
+    )
+    .output()
+    .expect("running imagectl");
+    assert!(o.status.success(), "{}", stderr(&o));
 }

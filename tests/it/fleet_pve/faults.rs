@@ -2,6 +2,7 @@
 //! summary naming what failed and what was cleaned, and 0 orphan VMs, runners and seeds.
 
 use super::{names, stderr, PveFleet};
+use crate::fleet_local::{collect, interrupt};
 use imagectl_tests::pve_guest::{GuestMode, GuestOptions};
 use serde_json::Value;
 use std::process::Stdio;
@@ -178,9 +179,7 @@ fn fleet_pve_faults() {
     ]);
     assert_ne!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stderr(&o).contains("is locked by"), "{}", stderr(&o));
-    let out = first.wait_with_output().expect("first deploy output");
-    env.outputs.extend_from_slice(&out.stdout);
-    env.outputs.extend_from_slice(&out.stderr);
+    let out = collect(first, &mut env.outputs);
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -306,14 +305,7 @@ fn fleet_pve_drain_vmid_retry_placement_and_ctrl_c() {
         assert!(Instant::now() < until, "the VM never started");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let k = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(k.success());
-    let out = child.wait_with_output().expect("deploy output");
-    env.outputs.extend_from_slice(&out.stdout);
-    env.outputs.extend_from_slice(&out.stderr);
+    let out = interrupt(child, &mut env.outputs);
     assert!(!out.status.success(), "an interrupted deploy succeeded");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("interrupted"),
