@@ -30,7 +30,7 @@ fi
 apt-get install -y -q "${backports[@]}" qemu-system-x86 qemu-utils e2fsprogs
 apt-get install -y -q \
   mmdebstrap ovmf grub-efi-amd64-bin grub-pc-bin mtools dosfstools fdisk xorriso \
-  libarchive13 gpg dpkg-dev netcat-openbsd prometheus cloud-init python3-venv \
+  libarchive13 gpg dpkg-dev apt-utils netcat-openbsd prometheus cloud-init python3-venv \
   prometheus-node-exporter curl time util-linux ca-certificates
 
 # fakepve (the Proxmox VE API fake the integration tests run against), in a local venv.

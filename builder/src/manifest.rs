@@ -66,6 +66,12 @@ pub struct Manifest {
     pub artifacts: Vec<ArtifactInfo>,
     /// Hygiene: what the build removed, by rule.
     pub hygiene_removed: BTreeMap<String, usize>,
+    /// The snapshot archive timestamp the lock was resolved against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// Pins re-resolved because no source served them any more, one line each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<String>,
     /// Whether the root layer came from the cache.
     pub layer_cached: bool,
     /// The root layer's cache key.
@@ -97,8 +103,7 @@ impl Manifest {
 
     /// Writes a manifest atomically.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("json.tmp");
-        fs_err::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        fs_err::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+        crate::util::write_atomic(path, &serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))
     }
 }

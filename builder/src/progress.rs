@@ -47,6 +47,13 @@ impl Progress {
         }
     }
 
+    /// A line worth reading on its own (a warning, a decision taken), unless quiet.
+    pub fn note(&self, line: impl AsRef<str>) {
+        if !self.quiet {
+            eprintln!("    {}", line.as_ref());
+        }
+    }
+
     /// A byte-counting bar (uploads, downloads): rate and ETA on a TTY, nothing otherwise.
     pub fn bytes(&self, name: &str, total: u64) -> ProgressBar {
         if self.tty && !self.quiet {

@@ -27,7 +27,7 @@ pub struct Cache {
 impl Cache {
     /// Opens (creates) a cache at `root`.
     pub fn open(root: &Path) -> Result<Self> {
-        for d in ["layers", "debs", "artifacts"] {
+        for d in ["layers", "debs", "artifacts", "keys"] {
             fs_err::create_dir_all(root.join(d))?;
         }
         Ok(Self {
@@ -53,6 +53,11 @@ impl Cache {
     /// Downloaded .deb files for a suite.
     pub fn debs(&self, suite: &str) -> PathBuf {
         self.root.join("debs").join(suite)
+    }
+
+    /// Signing keys fetched by URL, by pinned fingerprint.
+    pub fn keys(&self) -> PathBuf {
+        self.root.join("keys")
     }
 
     /// A downloaded artifact by sha256.

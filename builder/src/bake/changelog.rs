@@ -169,6 +169,18 @@ fn short(sha: &str) -> String {
 /// The changelog of image `name` `version`: `old` is the lock before the build (`None`: there
 /// was none), `new` the one the build resolved.
 pub fn render(name: &str, version: &str, old: Option<&Lock>, new: &Lock) -> String {
+    render_with_drift(name, version, old, new, &[])
+}
+
+/// [`render`], with the pins that were re-resolved because no source served them any more (one
+/// line each, as the build printed them).
+pub fn render_with_drift(
+    name: &str,
+    version: &str,
+    old: Option<&Lock>,
+    new: &Lock,
+    drift: &[String],
+) -> String {
     let empty = Lock {
         packages: vec![],
         artifacts: vec![],
@@ -197,6 +209,16 @@ pub fn render(name: &str, version: &str, old: Option<&Lock>, new: &Lock) -> Stri
                 new.packages.len(),
                 date(new.source_date_epoch)
             );
+        }
+    }
+    if !drift.is_empty() {
+        out.push_str(
+            "\n## Pinned versions no longer served\n\nNo source (the .deb cache, the mirror, the \
+             snapshot archive) served these pinned versions any more, so the build re-resolved \
+             them:\n\n",
+        );
+        for d in drift {
+            let _ = writeln!(out, "- {d}");
         }
     }
     if changes.is_empty() {
@@ -312,6 +334,7 @@ mod tests {
             spec: "gitlab-runner".into(),
             inputs: "i".into(),
             source_date_epoch: 1_748_736_000, // 2025-06-01
+            snapshot: None,
             packages,
             artifacts,
         }
@@ -323,6 +346,20 @@ mod tests {
             url: url.into(),
             sha256: sha.into(),
         }
+    }
+
+    #[test]
+    fn drift_is_recorded() {
+        let l = lock(vec![pkg("a", "1", "x")], vec![]);
+        let md = render_with_drift(
+            "img",
+            "1",
+            Some(&l),
+            &lock(vec![pkg("a", "2", "y")], vec![]),
+            &["a 1 → 2 (pinned version no longer served)".into()],
+        );
+        assert!(md.contains("## Pinned versions no longer served"), "{md}");
+        assert!(md.contains("- a 1 → 2 (pinned version no longer served)"), "{md}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Stages, each reported on the progress line:
 //! 1. **lock**: decide between the locked versions and a fresh resolution (`--locked` refuses a
 //!    change with exit code 2).
-//! 2. **rootfs**: reuse the cached layer for the same inputs, or run mmdebstrap.
+//! 2. **sources**, **rootfs**: reuse the cached layer for the same inputs, or find where each
+//!    pinned version comes from (see [`origin`]; drift is handled in [`resolve`]) and run
+//!    mmdebstrap.
 //! 3. **compose**: stream the layer into the final tar with hygiene, files, artifacts, the agent,
 //!    unit links, fstab and the GRUB config.
 //! 4. **disk**: GPT + GRUB (BIOS and UEFI) + ESP + `mkfs.ext4 -d`.
@@ -13,13 +15,16 @@ pub mod artifacts;
 pub mod changelog;
 pub mod disk;
 pub mod layer;
+pub mod origin;
+pub mod resolve;
 pub mod rootfs;
+pub mod sources;
 
 use crate::error::input;
 use crate::manifest::{ArtifactInfo, Manifest, Package};
 use crate::progress::Progress;
-use crate::spec::lock::{Lock, LockedArtifact, LockedPackage, LOCK_VERSION};
-use crate::spec::{parse_size, Loaded};
+use crate::spec::lock::{Lock, LockedPackage, LOCK_VERSION};
+use crate::spec::{parse_size, snapshot_timestamp, Loaded};
 use crate::store::Cache;
 use crate::util::{run, sha256_bytes, sha256_file};
 use anyhow::{bail, Context, Result};
@@ -89,8 +94,17 @@ pub fn package_inputs(l: &Loaded) -> Result<String> {
             keys.push(sha256_file(&l.resolve(k))?);
         }
     }
+    let base_key = match &s.base.key_file {
+        Some(k) => Some(sha256_file(&l.resolve(k))?),
+        None => None,
+    };
+    // Where pins are fetched from (the snapshot archive's URL, `auto`) does not decide the package
+    // set; a fixed snapshot does, like the mirror.
     let v = serde_json::json!({
-        "base": s.base,
+        "base": {
+            "distribution": s.base.distribution, "suite": s.base.suite, "mirror": s.base.mirror,
+            "components": s.base.components, "snapshot": s.base.fixed_snapshot(), "key": base_key,
+        },
         "packages": s.packages,
         "apt_repositories": s.apt_repositories.iter().map(|r| serde_json::json!({
             "name": r.name, "url": r.url, "suite": r.suite, "components": r.components,
@@ -188,6 +202,10 @@ pub struct Built {
     pub manifest: Manifest,
     /// Lock changes (empty when unchanged).
     pub lock_changes: Vec<String>,
+    /// Pins re-resolved because no source served them any more.
+    pub drift: Vec<String>,
+    /// Where the pins came from, when the layer was bootstrapped from a lock.
+    pub origins: Option<String>,
     /// The lock file.
     pub lock_path: PathBuf,
     /// The package changelog written (`--changelog`).
@@ -208,16 +226,10 @@ pub fn plan(l: &Loaded, opt: &Options) -> Result<Plan> {
             && cache.layer(&p.key).is_file()
             && cache.layer_meta(&p.key).is_file(),
         layer_key: p.key,
-        sources: p
-            .inputs
-            .sources
-            .iter()
-            .filter(|s| !s.starts_with('#'))
-            .cloned()
-            .collect(),
+        sources: p.inputs.sources.clone(),
         includes: p.inputs.includes,
         local_debs: p.inputs.local_deb_paths,
-        pinned: p.pinned,
+        pinned: p.pins.is_some(),
         lock: p.lock_path,
         source_date_epoch: p.epoch,
     })
@@ -228,13 +240,16 @@ struct Prepared {
     lock_path: PathBuf,
     old: Option<Lock>,
     pkg_inputs: String,
-    pinned: bool,
+    pins: Option<Vec<LockedPackage>>,
     epoch: i64,
+    /// The snapshot timestamp to record in the lock.
+    snapshot: Option<String>,
+    base: rootfs::LayerInputs,
     inputs: rootfs::LayerInputs,
     key: String,
 }
 
-fn prepare(l: &Loaded, opt: &Options, _cache: &Cache, work: &Path) -> Result<Prepared> {
+fn prepare(l: &Loaded, opt: &Options, cache: &Cache, work: &Path) -> Result<Prepared> {
     let s = &l.spec;
     let lock_path = opt
         .lock_path
@@ -273,14 +288,26 @@ fn prepare(l: &Loaded, opt: &Options, _cache: &Cache, work: &Path) -> Result<Pre
             .map(|p| p.source_date_epoch)
             .unwrap_or_else(now_epoch),
     };
-    let inputs = rootfs::layer_inputs(l, pinned.map(|p| p.packages.as_slice()), epoch, work)?;
+    let snapshot = match (&s.base.snapshot, pinned) {
+        (None, _) => None,
+        (Some(_), _) if s.base.fixed_snapshot().is_some() => {
+            s.base.fixed_snapshot().map(str::to_string)
+        }
+        (Some(_), Some(p)) => p.snapshot.clone(),
+        (Some(_), None) => Some(snapshot_timestamp(now_epoch())),
+    };
+    let base = rootfs::layer_inputs(l, epoch, work, &cache.keys())?;
+    let pins = pinned.map(|p| p.packages.clone());
+    let inputs = base.pinned(pins.as_deref());
     let key = inputs.key();
     Ok(Prepared {
-        pinned: pinned.is_some(),
         lock_path,
         old,
         pkg_inputs,
+        pins,
         epoch,
+        snapshot,
+        base,
         inputs,
         key,
     })
@@ -305,88 +332,61 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
         lock_path,
         old,
         pkg_inputs,
-        pinned,
+        pins,
         epoch,
-        inputs,
-        key,
+        mut snapshot,
+        base,
+        inputs: _,
+        key: _,
     } = prepare(l, opt, &cache, work)?;
-    st.done(if pinned {
+    st.done(if pins.is_some() {
         format!("versions pinned by {}", lock_path.display())
     } else {
         "resolving afresh".to_string()
     });
 
-    // 2. Rootfs layer.
-    let st = progress.stage("rootfs");
-    let layer_path = cache.layer(&key);
-    let meta_path = cache.layer_meta(&key);
-    let cached = !opt.no_cache && layer_path.is_file() && meta_path.is_file();
-    let t = Instant::now();
-    let meta: rootfs::LayerMeta = if cached {
-        st.message("cached layer");
-        serde_json::from_slice(&fs_err::read(&meta_path)?).context("reading the layer metadata")?
-    } else {
-        st.message("mmdebstrap (this takes a minute or two)");
-        let tmp = layer_path.with_extension("tar.part");
-        let (installed, lists) =
-            rootfs::bootstrap(&inputs, &tmp, &cache.debs(&s.base.suite), work)?;
-        let shas = rootfs::index_sha256(&lists)?;
-        let local: BTreeMap<String, String> = inputs
-            .local_deb_paths
-            .iter()
-            .zip(&inputs.local_debs)
-            .filter_map(|(p, (_, sha))| {
-                let name = deb_field(p, "Package").ok()?;
-                Some((name, sha.clone()))
-            })
-            .collect();
-        let mut packages = Vec::new();
-        for (name, version, arch) in installed {
-            let sha = shas
-                .get(&(name.clone(), version.clone()))
-                .or_else(|| local.get(&name))
-                .cloned()
-                .unwrap_or_default();
-            packages.push(LockedPackage {
-                name,
-                version,
-                arch,
-                sha256: sha,
-            });
-        }
-        packages.sort();
-        let meta = rootfs::LayerMeta {
-            packages,
-            seconds: t.elapsed().as_secs_f64(),
-        };
-        fs_err::rename(&tmp, &layer_path)?;
-        fs_err::write(&meta_path, serde_json::to_vec_pretty(&meta)?)?;
-        if !pinned {
-            // A fresh resolution gives the same bytes as a build pinned to it, so the next
-            // (pinned) build of this lock reuses this layer instead of bootstrapping again.
-            let alias = rootfs::layer_inputs(l, Some(&meta.packages), epoch, work)?.key();
-            if alias != key {
-                for (from, to) in [
-                    (&layer_path, cache.layer(&alias)),
-                    (&meta_path, cache.layer_meta(&alias)),
-                ] {
-                    let _ = fs_err::remove_file(&to);
-                    fs_err::hard_link(from, &to)
-                        .or_else(|_| fs_err::copy(from, &to).map(|_| ()))?;
-                }
-            }
-        }
-        meta
+    // 2. Rootfs layer (drift is re-resolved, or refused with --locked).
+    let fallback = match (&s.base.snapshot, s.base.fixed_snapshot(), &snapshot) {
+        (Some(_), None, Some(ts)) => Some((s.base.snapshot_base(), ts.clone())),
+        _ => None,
     };
-    stages.insert(
-        "rootfs".into(),
-        st.done(if cached {
-            format!("reused layer {}", &key[..12])
-        } else {
-            format!("bootstrapped {} packages", meta.packages.len())
-        })
-        .as_secs_f64(),
-    );
+    let t = Instant::now();
+    let outcome = resolve::ensure_layer(
+        &resolve::Request {
+            base: &base,
+            pins: pins.as_deref(),
+            snapshot: fallback,
+            locked: opt.locked,
+            no_cache: opt.no_cache,
+            lock_path: &lock_path,
+        },
+        &cache,
+        work,
+        progress,
+    )?;
+    if outcome.cached {
+        progress.note(format!("rootfs: reused layer {}", &outcome.key[..12]));
+    }
+    if outcome.drifted() && s.base.snapshot.as_deref() == Some("auto") {
+        // The re-resolved versions are the mirror's of today.
+        snapshot = Some(snapshot_timestamp(now_epoch()));
+    }
+    stages.insert("rootfs".into(), t.elapsed().as_secs_f64());
+    let cached = outcome.cached;
+    let key = outcome.key.clone();
+    let meta = outcome.meta.clone();
+
+    // Artifacts: the spec's sha256, else the lock's, else recorded on first use.
+    let st = progress.stage("artifacts");
+    let resolved_artifacts = artifacts::resolve_all(
+        &s.artifacts,
+        old.as_ref(),
+        opt.refresh_lock,
+        opt.locked,
+        &cache,
+        progress,
+    )?;
+    st.done(format!("{} verified", resolved_artifacts.len()));
 
     // The resolution, compared with the lock.
     let resolved = Lock {
@@ -394,16 +394,9 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
         spec: s.name.clone(),
         inputs: pkg_inputs.clone(),
         source_date_epoch: epoch,
+        snapshot: snapshot.clone(),
         packages: meta.packages.clone(),
-        artifacts: s
-            .artifacts
-            .iter()
-            .map(|a| LockedArtifact {
-                name: a.name.clone(),
-                url: a.url.clone(),
-                sha256: a.sha256.clone(),
-            })
-            .collect(),
+        artifacts: resolved_artifacts.iter().map(|a| a.locked()).collect(),
     };
     let lock_changes = match &old {
         Some(o) => {
@@ -462,21 +455,19 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
         );
     }
     let mut artifacts = Vec::new();
-    for a in &s.artifacts {
-        st.message(format!("artifact {}", a.name));
-        let p = artifacts::fetch(a, &cache, progress)?;
+    for a in &resolved_artifacts {
         overlay.add.insert(
-            a.dest.clone(),
+            a.artifact.dest.clone(),
             Add::File {
-                content: Content::File(p),
-                mode: parse_mode(&a.mode),
+                content: Content::File(a.path.clone()),
+                mode: parse_mode(&a.artifact.mode),
             },
         );
         artifacts.push(ArtifactInfo {
-            name: a.name.clone(),
-            url: a.url.clone(),
+            name: a.artifact.name.clone(),
+            url: a.artifact.url.clone(),
             sha256: a.sha256.clone(),
-            dest: a.dest.clone(),
+            dest: a.artifact.dest.clone(),
         });
     }
     let agent_sha =
@@ -572,7 +563,7 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
         },
     );
     let root_tar = work.join("root.tar");
-    let report = layer::compose(&layer_path, &root_tar, &overlay, epoch)?;
+    let report = layer::compose(&cache.layer(&key), &root_tar, &overlay, epoch)?;
     if !report.kernels.contains(&kernel) {
         bail!("kernel {kernel} is installed but /boot/vmlinuz-{kernel} is missing from the root filesystem");
     }
@@ -647,6 +638,8 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
             .iter()
             .map(|(k, v)| (k.clone(), v.len()))
             .collect(),
+        snapshot,
+        drift: outcome.drift.clone(),
         layer_cached: cached,
         layer_key: key.clone(),
         stage_seconds: stages,
@@ -659,7 +652,13 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
     let manifest_path = Manifest::path_for(&image);
     manifest.write(&manifest_path)?;
     if let Some(path) = &opt.changelog {
-        let md = changelog::render(&s.name, &manifest.version, old.as_ref(), &resolved);
+        let md = changelog::render_with_drift(
+            &s.name,
+            &manifest.version,
+            old.as_ref(),
+            &resolved,
+            &outcome.drift,
+        );
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs_err::create_dir_all(dir)?;
         }
@@ -670,6 +669,8 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
         manifest_path,
         manifest,
         lock_changes,
+        drift: outcome.drift,
+        origins: outcome.origins,
         lock_path,
         changelog: opt.changelog.clone(),
     })
@@ -688,11 +689,6 @@ pub fn image_prom(name: &str, version: &str, inputs_hash: &str, epoch: i64) -> S
          # TYPE imagectl_image_build_timestamp_seconds gauge\n\
          imagectl_image_build_timestamp_seconds {epoch}\n"
     )
-}
-
-fn deb_field(deb: &Path, field: &str) -> Result<String> {
-    let out = crate::util::run_output(Command::new("dpkg-deb").arg("--field").arg(deb).arg(field))?;
-    Ok(out.trim().to_string())
 }
 
 /// Converts a raw disk into a flattened, zstd-compressed qcow2.

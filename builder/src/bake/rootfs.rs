@@ -1,28 +1,23 @@
-//! The root filesystem layer: `mmdebstrap` from the mirror into a tar, cached by the sha256 of
-//! everything that decides its content.
+//! The root filesystem layer: `mmdebstrap` into a tar, cached by the sha256 of everything that
+//! decides its content.
 //!
-//! What goes into the key: the resolved mirror URLs, suite and components, the package list, every
-//! extra repository (with its key's sha256), the sha256 of each locally built .deb, users and
-//! groups, the pinned versions from the lock, SOURCE_DATE_EPOCH and the mmdebstrap version. Files,
-//! units, artifacts and the agent are *not* in it: they are added on top at compose time, so
-//! changing them reuses the layer.
+//! What goes into the key: the image's apt sources (as the image keeps them) and their keys'
+//! sha256, the package list, the pinned versions from the lock, the sha256 of each locally built
+//! .deb, users and groups, SOURCE_DATE_EPOCH and the mmdebstrap version. Where the packages are
+//! fetched from (the .deb cache, the mirror, the snapshot archive: see [`super::origin`]) is *not*
+//! in it: the same pins give the same bytes from any of them. Files, units, artifacts and the
+//! agent are not in it either: they are added on top at compose time, so changing them reuses the
+//! layer.
 
-use crate::error::input;
+use super::sources::{self, AptSource};
 use crate::spec::lock::LockedPackage;
 use crate::spec::Loaded;
-use crate::util::{run, run_output, sha256_bytes, sha256_file};
-use anyhow::{bail, Context, Result};
+use crate::util::{run, run_output, sha256_file};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// A resolved apt source line for mmdebstrap.
-#[derive(Debug, Clone, Serialize)]
-pub struct Source {
-    /// `deb [opts] URL SUITE COMPONENTS`.
-    pub line: String,
-}
 
 /// What the layer needs, resolved on this host.
 #[derive(Debug, Clone, Serialize)]
@@ -31,32 +26,88 @@ pub struct LayerInputs {
     pub recipe: u32,
     /// Base suite.
     pub suite: String,
-    /// apt sources, resolved.
+    /// The image's apt sources, as written into its `/etc/apt/sources.list`.
     pub sources: Vec<String>,
+    /// The signing keys the image keeps: (path in the image, sha256).
+    pub keys: Vec<(String, String)>,
     /// `--include` arguments (package names or pinned `name=version`).
     pub includes: Vec<String>,
     /// Locally built .deb files: (name, sha256).
     pub local_debs: Vec<(String, String)>,
-    /// Extra repository pins, by suite or origin.
+    /// Extra repository pins, by suite or origin, then the lock's versions.
     pub preferences: String,
-    /// Shell commands run in the chroot (users, groups).
+    /// Commands run in the chroot (users, groups).
     pub chroot_commands: Vec<String>,
     /// SOURCE_DATE_EPOCH.
     pub epoch: i64,
     /// mmdebstrap version.
     pub mmdebstrap: String,
+    /// The sources themselves (their lines are in the key).
+    #[serde(skip)]
+    pub apt: Vec<AptSource>,
     /// Paths of the local debs (not part of the key: their sha256 is).
     #[serde(skip)]
     pub local_deb_paths: Vec<PathBuf>,
-    /// Key files for extra repositories (not part of the key: their sha256 is, in `sources`).
+    /// Package names of the local debs.
     #[serde(skip)]
-    pub key_files: Vec<PathBuf>,
+    pub local_names: Vec<String>,
+    #[serde(skip)]
+    spec_packages: Vec<String>,
+    #[serde(skip)]
+    repo_packages: Vec<String>,
+    #[serde(skip)]
+    repo_preferences: String,
 }
 
 impl LayerInputs {
     /// The cache key.
     pub fn key(&self) -> String {
-        sha256_bytes(&serde_json::to_vec(self).expect("serialisable"))
+        crate::util::sha256_bytes(&serde_json::to_vec(self).expect("serialisable"))
+    }
+
+    /// The same inputs with the lock's versions pinned (`None`: resolve afresh). Packages of the
+    /// spec that the pins leave out are asked for by name, so dropping a pin re-resolves it.
+    pub fn pinned(&self, pins: Option<&[LockedPackage]>) -> LayerInputs {
+        let mut includes: Vec<String> = Vec::new();
+        let mut preferences = self.repo_preferences.clone();
+        match pins {
+            Some(pkgs) => {
+                for p in pkgs {
+                    if !self.local_names.contains(&p.name) {
+                        includes.push(format!("{}={}", p.name, p.version));
+                        preferences.push_str(&format!(
+                            "Package: {}\nPin: version {}\nPin-Priority: 1001\n\n",
+                            p.name, p.version
+                        ));
+                    }
+                }
+                for p in &self.spec_packages {
+                    let bare = p.split(['/', '=']).next().unwrap_or(p);
+                    if !pkgs.iter().any(|x| x.name == bare) {
+                        includes.push(p.clone());
+                    }
+                }
+            }
+            None => includes.extend(self.spec_packages.iter().cloned()),
+        }
+        for p in &self.repo_packages {
+            if !includes
+                .iter()
+                .any(|i| i == p || i.starts_with(&format!("{p}=")))
+            {
+                includes.push(p.clone());
+            }
+        }
+        for name in &self.local_names {
+            if !includes.contains(name) {
+                includes.push(name.clone());
+            }
+        }
+        LayerInputs {
+            includes,
+            preferences,
+            ..self.clone()
+        }
     }
 }
 
@@ -67,121 +118,6 @@ pub struct LayerMeta {
     pub packages: Vec<LockedPackage>,
     /// Seconds mmdebstrap took.
     pub seconds: f64,
-}
-
-/// The build host's Debian mirror and security mirror, from its apt sources.
-pub fn host_mirrors() -> Result<(String, Option<String>)> {
-    let mut uris: Vec<(String, Vec<String>)> = Vec::new();
-    let dir = Path::new("/etc/apt/sources.list.d");
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        files.sort();
-        for f in files {
-            if f.extension().and_then(|e| e.to_str()) == Some("sources") {
-                let text = fs_err::read_to_string(&f)?;
-                uris.extend(parse_deb822(&text));
-            }
-        }
-    }
-    if let Ok(text) = std::fs::read_to_string("/etc/apt/sources.list") {
-        for line in text.lines() {
-            let mut w = line.split_whitespace();
-            if w.next() != Some("deb") {
-                continue;
-            }
-            let rest: Vec<&str> = w
-                .filter(|x| !x.starts_with('[') && !x.ends_with(']'))
-                .collect();
-            if rest.len() >= 2 {
-                uris.push((rest[0].to_string(), vec![rest[1].to_string()]));
-            }
-        }
-    }
-    let main = uris
-        .iter()
-        .find(|(_, suites)| suites.iter().any(|s| !s.contains('-')))
-        .map(|(u, _)| u.clone())
-        .ok_or_else(|| {
-            input("cannot find the build host's Debian mirror in /etc/apt/sources.list(.d); set base.mirror in the spec")
-        })?;
-    let security = uris
-        .iter()
-        .find(|(_, suites)| suites.iter().any(|s| s.ends_with("-security")))
-        .map(|(u, _)| u.clone());
-    Ok((main, security))
-}
-
-fn parse_deb822(text: &str) -> Vec<(String, Vec<String>)> {
-    let mut out = Vec::new();
-    for para in text.split("\n\n") {
-        let mut types = "";
-        let mut uri = None;
-        let mut suites = Vec::new();
-        let mut enabled = true;
-        for line in para.lines() {
-            if let Some(v) = line.strip_prefix("Types:") {
-                types = v.trim();
-            } else if let Some(v) = line.strip_prefix("URIs:") {
-                uri = v.split_whitespace().next().map(str::to_string);
-            } else if let Some(v) = line.strip_prefix("Suites:") {
-                suites = v.split_whitespace().map(str::to_string).collect();
-            } else if let Some(v) = line.strip_prefix("Enabled:") {
-                enabled = v.trim() != "no";
-            }
-        }
-        if enabled && types.split_whitespace().any(|t| t == "deb") {
-            if let Some(u) = uri {
-                out.push((u, suites));
-            }
-        }
-    }
-    out
-}
-
-/// The fingerprint(s) of an OpenPGP key file, via gpg (no keyring is touched).
-pub fn key_fingerprints(key: &Path) -> Result<Vec<String>> {
-    let out = run_output(
-        Command::new("gpg")
-            .args(["--batch", "--with-colons", "--show-keys"])
-            .arg(key)
-            .env("GNUPGHOME", std::env::temp_dir()),
-    )
-    .with_context(|| format!("reading key {}", key.display()))?;
-    let mut fps = Vec::new();
-    let mut primary = false;
-    for line in out.lines() {
-        if line.starts_with("pub:") {
-            primary = true;
-        } else if line.starts_with("sub:") {
-            primary = false;
-        } else if primary && line.starts_with("fpr:") {
-            if let Some(fp) = line.split(':').nth(9) {
-                fps.push(fp.to_uppercase());
-            }
-        }
-    }
-    Ok(fps)
-}
-
-/// Fetches a repository signing key; an unreachable source fails fast with a hint.
-fn fetch_key(url: &str, name: &str, work: &Path) -> Result<PathBuf> {
-    let client = crate::bake::artifacts::http_client()?;
-    let resp = client
-        .get(url)
-        .timeout(std::time::Duration::from_secs(20))
-        .send()
-        .and_then(|r| r.error_for_status())
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "fetching the signing key of apt repository {name:?} from {url}: {e}\n\
-                 hint: this host cannot reach that source; build with `--profile offline` \
-                 where GitLab and GitHub are unreachable"
-            )
-        })?;
-    let bytes = resp.bytes().with_context(|| format!("reading {url}"))?;
-    let path = std::path::absolute(work.join(format!("{name}.key")))?;
-    fs_err::write(&path, &bytes)?;
-    Ok(path)
 }
 
 /// Builds a local package tree into a .deb (reproducible: SOURCE_DATE_EPOCH, root owner).
@@ -197,79 +133,39 @@ pub fn build_local_deb(dir: &Path, out_dir: &Path, name: &str, epoch: i64) -> Re
     Ok(out)
 }
 
-/// Resolves the layer inputs for a spec on this host.
-pub fn layer_inputs(
-    l: &Loaded,
-    pinned: Option<&[LockedPackage]>,
-    epoch: i64,
-    work: &Path,
-) -> Result<LayerInputs> {
+/// Resolves the layer inputs of a spec on this host, unpinned (see [`LayerInputs::pinned`]).
+/// Signing keys fetched by URL are kept in `keys_cache`.
+pub fn layer_inputs(l: &Loaded, epoch: i64, work: &Path, keys_cache: &Path) -> Result<LayerInputs> {
     let s = &l.spec;
-    let (host_main, host_sec) = host_mirrors()?;
-    let mirror = if s.base.mirror == "host" {
-        host_main.clone()
-    } else {
-        s.base.mirror.clone()
-    };
-    let comps = s.base.components.join(" ");
-    let mut sources = vec![
-        format!("deb {mirror} {} {comps}", s.base.suite),
-        format!("deb {mirror} {}-updates {comps}", s.base.suite),
-    ];
-    if s.base.mirror == "host" {
-        if let Some(sec) = &host_sec {
-            sources.push(format!("deb {sec} {}-security {comps}", s.base.suite));
-        }
-    }
-    let mut preferences = String::new();
-    let mut key_files = Vec::new();
-    let mut includes: Vec<String> = Vec::new();
-    for r in &s.apt_repositories {
-        let url = if r.url == "host" {
-            host_main.clone()
-        } else {
-            r.url.clone()
-        };
-        let mut opts = String::new();
-        if let Some(fp) = &r.key_fingerprint {
-            let key = match (&r.key_file, &r.key_url) {
-                (Some(k), _) => std::path::absolute(l.resolve(k))?,
-                (None, Some(u)) => fetch_key(u, &r.name, work)?,
-                (None, None) => unreachable!("validated"),
-            };
-            let want = fp.replace(' ', "").to_uppercase();
-            let have = key_fingerprints(&key)?;
-            if !have.contains(&want) {
-                return Err(input(format!(
-                    "apt repository {:?}: key {} has fingerprint {} but the spec pins {want}",
-                    r.name,
-                    key.display(),
-                    have.join(", ")
-                )));
-            }
-            opts = format!("[signed-by={}] ", key.display());
-            sources.push(format!("# key {} sha256 {}", r.name, sha256_file(&key)?));
-            key_files.push(key);
-        }
-        sources.push(format!(
-            "deb {opts}{url} {} {}",
-            r.suite,
-            r.components.join(" ")
-        ));
+    let apt = sources::for_spec(l, keys_cache)?;
+    let mut repo_preferences = String::new();
+    let mut repo_packages = Vec::new();
+    for (r, src) in s
+        .apt_repositories
+        .iter()
+        .zip(apt.iter().skip(apt.len() - s.apt_repositories.len()))
+    {
         let pin = if r.suite != s.base.suite {
             format!("release n={}", r.suite)
         } else {
-            let host = url.split('/').nth(2).unwrap_or_default();
+            let host = src.uri.split('/').nth(2).unwrap_or_default();
             format!("origin \"{host}\"")
         };
-        preferences.push_str(&format!("Package: *\nPin: {pin}\nPin-Priority: 100\n\n"));
+        repo_preferences.push_str(&format!("Package: *\nPin: {pin}\nPin-Priority: 100\n\n"));
         if !r.packages.is_empty() {
-            preferences.push_str(&format!(
+            repo_preferences.push_str(&format!(
                 "Package: {}\nPin: {pin}\nPin-Priority: 990\n\n",
                 r.packages.join(" ")
             ));
         }
+        repo_packages.extend(r.packages.iter().cloned());
     }
+    let mut keys: Vec<(String, String)> = apt
+        .iter()
+        .filter_map(|a| a.key.as_ref().map(|k| (k.image.clone(), k.sha256.clone())))
+        .collect();
+    keys.sort();
+    keys.dedup();
     let mut local_debs = Vec::new();
     let mut local_deb_paths = Vec::new();
     let mut local_names = Vec::new();
@@ -281,34 +177,6 @@ pub fn layer_inputs(
         }
         local_debs.push((lp.name.clone(), sha256_file(&deb)?));
         local_deb_paths.push(std::path::absolute(deb)?);
-    }
-    match pinned {
-        Some(pkgs) => {
-            for p in pkgs {
-                if !local_names.contains(&p.name) {
-                    includes.push(format!("{}={}", p.name, p.version));
-                }
-            }
-            // Packages named in the spec but not in the lock would be a stale lock; the caller
-            // checks `inputs` first, so this only adds the spec's own names for safety.
-            for p in &s.packages {
-                let bare = p.split(['/', '=']).next().unwrap_or(p);
-                if !pkgs.iter().any(|x| x.name == bare) {
-                    includes.push(p.clone());
-                }
-            }
-        }
-        None => includes.extend(s.packages.iter().cloned()),
-    }
-    for r in &s.apt_repositories {
-        for p in &r.packages {
-            if !includes
-                .iter()
-                .any(|i| i == p || i.starts_with(&format!("{p}=")))
-            {
-                includes.push(p.clone());
-            }
-        }
     }
     let mut chroot_commands = Vec::new();
     for g in &s.groups {
@@ -339,18 +207,24 @@ pub fn layer_inputs(
         .trim()
         .to_string();
     Ok(LayerInputs {
-        recipe: 3,
+        recipe: 4,
         suite: s.base.suite.clone(),
-        sources,
-        includes,
+        sources: apt.iter().map(AptSource::image_line).collect(),
+        keys,
+        includes: s.packages.clone(),
         local_debs,
-        preferences,
+        preferences: repo_preferences.clone(),
         chroot_commands,
         epoch,
         mmdebstrap,
+        apt,
         local_deb_paths,
-        key_files,
-    })
+        local_names,
+        spec_packages: s.packages.clone(),
+        repo_packages,
+        repo_preferences,
+    }
+    .pinned(None))
 }
 
 fn quote(s: &str) -> String {
@@ -360,10 +234,25 @@ fn quote(s: &str) -> String {
 /// Installed packages as (name, version, arch).
 pub type Installed = Vec<(String, String, String)>;
 
-/// Runs mmdebstrap into `out` (a tar) and returns the installed packages (without sha256s yet)
-/// and the directory holding apt's package lists.
+/// apt could not satisfy the request (a pin that is gone, or pins that no longer fit together):
+/// the caller may re-resolve.
+#[derive(Debug)]
+pub struct AptRefused(pub String);
+
+impl std::fmt::Display for AptRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AptRefused {}
+
+/// Runs mmdebstrap into `out` (a tar), fetching from `fetch` (in that order), and returns the
+/// installed packages (without sha256s yet) and the directory holding apt's package lists. The
+/// image keeps `inputs.sources` as its `/etc/apt/sources.list`, whatever it was fetched from.
 pub fn bootstrap(
     inputs: &LayerInputs,
+    fetch: &[AptSource],
     out: &Path,
     deb_cache: &Path,
     work: &Path,
@@ -373,7 +262,13 @@ pub fn bootstrap(
     fs_err::create_dir_all(&lists)?;
     let prefs = work.join("imagectl.pref");
     fs_err::write(&prefs, &inputs.preferences)?;
+    let image_sources = work.join("image-sources.list");
+    fs_err::write(
+        &image_sources,
+        inputs.sources.iter().map(|l| l.clone() + "\n").collect::<String>(),
+    )?;
     let installed = work.join("imagectl-installed.tsv");
+    let q = |p: &Path| quote(&p.to_string_lossy());
     let mut cmd = Command::new("mmdebstrap");
     cmd.arg("--variant=minbase")
         .arg("--format=tar")
@@ -384,80 +279,55 @@ pub fn bootstrap(
         .arg("--dpkgopt=force-unsafe-io")
         .arg(format!(
             "--setup-hook=mkdir -p \"$1\"/etc/apt/preferences.d \"$1\"/var/cache/apt/archives && cp {} \"$1\"/etc/apt/preferences.d/imagectl.pref",
-            quote(&prefs.to_string_lossy())
+            q(&prefs)
         ))
-        .arg(format!("--setup-hook=sync-in {} /var/cache/apt/archives/", quote(&deb_cache.to_string_lossy())))
-        .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", quote(&deb_cache.to_string_lossy())))
-        .arg(format!("--customize-hook=sync-out /var/lib/apt/lists {}", quote(&lists.to_string_lossy())));
+        .arg(format!("--setup-hook=sync-in {} /var/cache/apt/archives/", q(deb_cache)))
+        .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", q(deb_cache)))
+        .arg(format!("--customize-hook=sync-out /var/lib/apt/lists {}", q(&lists)));
     if !inputs.includes.is_empty() {
         cmd.arg(format!("--include={}", inputs.includes.join(",")));
-    }
-    // apt hands .deb paths to dpkg inside the chroot verbatim, so each local package must sit at
-    // the same path inside as outside: a fixed, content-addressed place under /tmp, copied in
-    // before the install and removed again before the layer is packed.
-    let mut staged = Vec::new();
-    for (deb, (name, sha)) in inputs.local_deb_paths.iter().zip(&inputs.local_debs) {
-        let dir = format!("/tmp/imagectl-debs/{sha}");
-        let inside = format!("{dir}/{name}.deb");
-        fs_err::create_dir_all(&dir)?;
-        fs_err::copy(deb, &inside)?;
-        staged.push(PathBuf::from(&dir));
-        cmd.arg(format!("--setup-hook=mkdir -p \"$1\"{dir}"))
-            .arg(format!("--setup-hook=copy-in {} {dir}/", quote(&inside)))
-            .arg(format!("--include={inside}"));
-    }
-    if !staged.is_empty() {
-        cmd.arg("--customize-hook=rm -rf \"$1\"/tmp/imagectl-debs");
     }
     for c in &inputs.chroot_commands {
         cmd.arg(format!("--customize-hook=chroot \"$1\" sh -c {}", quote(c)));
     }
+    // The image's own sources and keys, in place of what this build fetched from.
+    cmd.arg("--customize-hook=rm -f \"$1\"/etc/apt/sources.list.d/0000main.list \"$1\"/etc/apt/sources.list.d/0001main.list")
+        .arg(format!("--customize-hook=upload {} /etc/apt/sources.list", q(&image_sources)));
+    let mut keys_done = Vec::new();
+    for k in inputs.apt.iter().filter_map(|a| a.key.as_ref()) {
+        if keys_done.contains(&k.image) {
+            continue;
+        }
+        keys_done.push(k.image.clone());
+        cmd.arg("--customize-hook=mkdir -p \"$1\"/etc/apt/keyrings")
+            .arg(format!("--customize-hook=upload {} {}", q(&k.host), quote(&k.image)));
+    }
     cmd.arg(
         "--customize-hook=chroot \"$1\" dpkg-query -W -f='${Package}\\t${Version}\\t${Architecture}\\n' > \"$1\"/tmp/imagectl-installed.tsv",
     )
-    .arg(format!("--customize-hook=copy-out /tmp/imagectl-installed.tsv {}", quote(&work.to_string_lossy())))
+    .arg(format!("--customize-hook=copy-out /tmp/imagectl-installed.tsv {}", q(work)))
     // apt's auto/manual marks differ between a fresh resolution and a pinned one (every pinned
     // package is asked for by name); an immutable image never autoremoves, so drop them and both
     // ways give the same bytes.
     .arg("--customize-hook=rm -f \"$1\"/tmp/imagectl-installed.tsv \"$1\"/etc/apt/preferences.d/imagectl.pref \"$1\"/var/lib/apt/extended_states")
     .arg(&inputs.suite)
     .arg(out);
-    for s in &inputs.sources {
-        if !s.starts_with('#') {
-            cmd.arg(s);
-        }
+    for s in fetch {
+        cmd.arg(s.host_line());
     }
     cmd.env("SOURCE_DATE_EPOCH", inputs.epoch.to_string());
     let log = work.join("mmdebstrap.log");
     let logf = fs_err::File::create(&log)?;
+    tracing::debug!("running {:?}", cmd);
     let status = cmd
         .stdout(logf.try_clone()?.into_parts().0)
         .stderr(logf.into_parts().0)
         .status()
-        .context("starting mmdebstrap (apt-get install mmdebstrap)");
-    for d in &staged {
-        let _ = fs_err::remove_dir_all(d);
-    }
-    let status = status?;
+        .context("starting mmdebstrap (apt-get install mmdebstrap)")?;
     if !status.success() {
         let text = fs_err::read_to_string(&log).unwrap_or_default();
-        let hint = if text.contains("Unable to locate package")
-            || text.contains("has no installation candidate")
-        {
-            "\nhint: a package is not in the configured sources; check the spec's packages and repositories"
-        } else if text.contains("Could not resolve")
-            || text.contains("Failed to fetch")
-            || text.contains("Unable to connect")
-        {
-            "\nhint: a package source is unreachable from this host; without network access to GitLab's \
-             repository and GitHub releases, build with `--profile offline`"
-        } else {
-            ""
-        };
-        bail!(
-            "mmdebstrap failed ({status}):\n{}{hint}",
-            crate::util::tail(&text, 25)
-        );
+        tracing::debug!("mmdebstrap log:\n{}", crate::util::tail(&text, 200));
+        return Err(failure(&text, &status.to_string()));
     }
     let text = fs_err::read_to_string(&installed)?;
     let pkgs = text
@@ -472,6 +342,61 @@ pub fn bootstrap(
         })
         .collect();
     Ok((pkgs, lists))
+}
+
+/// The error for a failed mmdebstrap: apt's own complaints, never its (kilobytes long) command
+/// line; `-v` logs the whole tail.
+fn failure(log: &str, status: &str) -> anyhow::Error {
+    let mut said: Vec<String> = Vec::new();
+    for line in log.lines() {
+        let l = line.trim();
+        let complaint = l.starts_with("E: ")
+            || l.contains("Depends:")
+            || l.contains("but it is not going to be installed")
+            || l.starts_with("Err:");
+        if !complaint || l.contains("--include") || l.contains("apt-get --yes") {
+            continue;
+        }
+        let short: String = l.chars().take(240).collect();
+        if !said.contains(&short) {
+            said.push(short);
+        }
+    }
+    let refused = log.contains("Unable to correct problems")
+        || log.contains("unmet dependencies")
+        || log.contains("Unmet dependencies")
+        || log.contains("was not found")
+        || log.contains("has no installation candidate")
+        || log.contains("Unable to locate package");
+    let hint = if log.contains("Unable to locate package")
+        || log.contains("has no installation candidate")
+    {
+        "\nhint: a package is not in the configured sources; check the spec's packages and repositories"
+    } else if log.contains("Could not resolve")
+        || log.contains("Failed to fetch")
+        || log.contains("Unable to connect")
+    {
+        "\nhint: a package source is unreachable from this host; without network access to GitLab's \
+         repository and GitHub releases, build with `--profile offline`"
+    } else {
+        ""
+    };
+    let shown = if said.is_empty() {
+        "(no message from apt; run with -v for mmdebstrap's log)".to_string()
+    } else {
+        let n = said.len();
+        let mut v: Vec<String> = said.into_iter().take(12).collect();
+        if n > 12 {
+            v.push(format!("… and {} more", n - 12));
+        }
+        v.join("\n  ")
+    };
+    let msg = format!("mmdebstrap failed ({status}):\n  {shown}{hint}");
+    if refused {
+        anyhow::Error::new(AptRefused(msg))
+    } else {
+        anyhow::anyhow!(msg)
+    }
 }
 
 /// sha256 of each (package, version, arch) from apt's Packages indexes.
@@ -514,12 +439,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn deb822_sources_are_parsed() {
-        let t = "Types: deb\nURIs: http://m.invalid/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\nTypes: deb\nURIs: http://m.invalid/debian-security\nSuites: bookworm-security\n\nTypes: deb-src\nURIs: http://src.invalid\nSuites: bookworm\n";
-        let v = parse_deb822(t);
-        assert_eq!(v.len(), 2);
-        assert_eq!(v[0].0, "http://m.invalid/debian");
-        assert_eq!(v[1].1, vec!["bookworm-security"]);
+    fn failures_quote_apt_not_its_command_line() {
+        let log = "I: running apt-get --yes -oApt::Get::Download-Only=true install foo=1 bar=2 --include x\n\
+                   E: Version '6.1.192-2' for 'linux-image-cloud-amd64' was not found\n\
+                   E: apt-get --yes install failed\n";
+        let e = failure(log, "exit status: 1");
+        let msg = e.to_string();
+        assert!(msg.contains("Version '6.1.192-2'"), "{msg}");
+        assert!(!msg.contains("Download-Only"), "{msg}");
+        assert!(e.downcast_ref::<AptRefused>().is_some());
+        let e = failure("E: Failed to fetch http://x/y  Could not resolve 'x'\n", "exit status: 1");
+        assert!(e.downcast_ref::<AptRefused>().is_none());
+        assert!(e.to_string().contains("--profile offline"));
     }
 
     #[test]

@@ -90,6 +90,8 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<i32> {
         "manifest": built.manifest_path,
         "lock": built.lock_path,
         "lock_changes": built.lock_changes,
+        "drift": built.drift,
+        "origins": built.origins,
         "changelog": built.changelog,
         "name": built.manifest.name,
         "version": built.manifest.version,
@@ -113,6 +115,12 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<i32> {
                 ""
             }
         );
+        if !built.drift.is_empty() {
+            s.push_str("re-resolved (pinned versions no longer served):\n");
+            for d in &built.drift {
+                s.push_str(&format!("  {d}\n"));
+            }
+        }
         if !built.lock_changes.is_empty() {
             s.push_str(&format!("lock {} updated:\n", built.lock_path.display()));
             for c in built.lock_changes.iter().take(40) {

@@ -4,7 +4,9 @@
 //! destination, for files) and adds new ones. Paths in a profile are relative to the profile file;
 //! they are rewritten relative to the spec so that hashes do not depend on where the checkout is.
 
-use super::{parse_size, AptRepository, Artifact, FileEntry, LocalPackage, Spec, Units};
+use super::{
+    is_snapshot_timestamp, parse_size, AptRepository, Artifact, FileEntry, LocalPackage, Spec, Units,
+};
 use crate::error::input;
 use anyhow::{Context, Result};
 use serde::Deserialize;
@@ -321,6 +323,28 @@ fn validate(l: &Loaded) -> Result<()> {
             s.base.mirror
         )));
     }
+    if let Some(t) = &s.base.snapshot {
+        if t != "auto" && !is_snapshot_timestamp(t) {
+            return Err(input(format!(
+                "base.snapshot {t:?}: give \"auto\" or a timestamp like \"20261122T000000Z\""
+            )));
+        }
+    }
+    if let Some(u) = &s.base.snapshot_url {
+        if !u.starts_with("https://") && !u.starts_with("http://") && !u.starts_with("file:") {
+            return Err(input(format!(
+                "base.snapshot_url {u:?}: give an http(s) or file: URL"
+            )));
+        }
+    }
+    if let Some(k) = &s.base.key_file {
+        if !l.resolve(k).is_file() {
+            return Err(input(format!(
+                "base.key_file {} not found",
+                l.resolve(k).display()
+            )));
+        }
+    }
     for p in &s.packages {
         if p.is_empty() || p.contains(|c: char| c.is_whitespace() || c == ',') {
             return Err(input(format!("package {p:?} is not a package name")));
@@ -377,7 +401,7 @@ fn validate(l: &Loaded) -> Result<()> {
     }
     for a in &s.artifacts {
         let what = format!("artifact {:?}", a.name);
-        if !is_hex(&a.sha256, 64) {
+        if a.sha256.as_deref().is_some_and(|h| !is_hex(h, 64)) {
             return Err(input(format!("{what}: sha256 must be 64 hex digits")));
         }
         if !a.url.starts_with("https://")

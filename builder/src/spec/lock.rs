@@ -29,6 +29,10 @@ pub struct Lock {
     pub inputs: String,
     /// Timestamp used for every file time in the image (SOURCE_DATE_EPOCH).
     pub source_date_epoch: i64,
+    /// The snapshot archive timestamp this lock was resolved against (`base.snapshot`): where
+    /// pinned versions are fetched once the mirror stops serving them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
     /// Installed packages, sorted by name.
     #[serde(default, rename = "package")]
     pub packages: Vec<LockedPackage>,
@@ -59,8 +63,21 @@ pub struct LockedArtifact {
     pub name: String,
     /// Source URL.
     pub url: String,
-    /// sha256.
+    /// sha256: the publisher's (from the spec) or that of the first download (trust on first use).
     pub sha256: String,
+}
+
+impl LockedPackage {
+    /// The file name apt gives this package's .deb in its archive cache (`:` of an epoch becomes
+    /// `%3a`).
+    pub fn deb_file_name(&self) -> String {
+        format!(
+            "{}_{}_{}.deb",
+            self.name,
+            self.version.replace(':', "%3a"),
+            self.arch
+        )
+    }
 }
 
 impl Lock {
@@ -97,10 +114,8 @@ impl Lock {
     /// Writes the lock atomically.
     pub fn write(&self, path: &Path) -> Result<()> {
         let text = self.to_toml()?;
-        let tmp = path.with_extension("lock.tmp");
-        fs_err::write(&tmp, text)?;
-        fs_err::rename(&tmp, path)?;
-        Ok(())
+        crate::util::write_atomic(path, text.as_bytes())
+            .with_context(|| format!("writing the lock {}", path.display()))
     }
 
     /// sha256 of the lock's serialised form.
@@ -129,6 +144,14 @@ impl Lock {
             if !new_p.contains_key(name) {
                 out.push(format!("- {name} {}", o.version));
             }
+        }
+        if self.snapshot != new.snapshot {
+            let show = |s: &Option<String>| s.clone().unwrap_or_else(|| "none".into());
+            out.push(format!(
+                "~ snapshot archive timestamp {} -> {}",
+                show(&self.snapshot),
+                show(&new.snapshot)
+            ));
         }
         let old_a: BTreeMap<_, _> = self.artifacts.iter().map(|a| (&a.name, a)).collect();
         let new_a: BTreeMap<_, _> = new.artifacts.iter().map(|a| (&a.name, a)).collect();
@@ -169,6 +192,7 @@ mod tests {
             spec: "t".into(),
             inputs: "x".into(),
             source_date_epoch: 1,
+            snapshot: None,
             packages: pkgs,
             artifacts: vec![],
         }
@@ -186,6 +210,19 @@ mod tests {
         let d = back.diff(&b);
         assert_eq!(d, vec!["~ a 1 -> 2", "+ c 1", "- b 1"]);
         assert!(back.diff(&back).is_empty());
+    }
+
+    #[test]
+    fn snapshot_roundtrips_and_deb_names_follow_apt() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.lock");
+        let mut a = lock(vec![pkg("a", "1:2.0-1")]);
+        a.snapshot = Some("20261122T000000Z".into());
+        a.write(&p).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains("snapshot = \"20261122T000000Z\""), "{text}");
+        assert_eq!(Lock::read(&p).unwrap().unwrap(), a);
+        assert_eq!(a.packages[0].deb_file_name(), "a_1%3a2.0-1_amd64.deb");
     }
 
     #[test]

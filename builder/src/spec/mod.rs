@@ -79,6 +79,64 @@ pub struct Base {
     /// Archive components.
     #[serde(default = "default_components")]
     pub components: Vec<String>,
+    /// The snapshot archive to fall back on when a pinned version is no longer served: `auto`
+    /// (the lock records the time it was resolved) or a timestamp `YYYYMMDDTHHMMSSZ` (resolve
+    /// against that snapshot instead of the mirror).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// Base URL of the snapshot archive, laid out as `<url>/archive/<archive>/<timestamp>/`
+    /// (default: Debian's snapshot archive; point it at a local mirror of that layout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_url: Option<String>,
+    /// Signing key of the mirror and the snapshot archive (armored or binary OpenPGP), relative to
+    /// the spec; default: the build host's trusted apt keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// Debian's snapshot archive.
+pub const DEFAULT_SNAPSHOT_URL: &str = "https://snapshot.debian.org";
+
+impl Base {
+    /// The snapshot archive's base URL, without a trailing slash.
+    pub fn snapshot_base(&self) -> String {
+        self.snapshot_url
+            .as_deref()
+            .unwrap_or(DEFAULT_SNAPSHOT_URL)
+            .trim_end_matches('/')
+            .to_string()
+    }
+
+    /// The fixed snapshot timestamp, when the spec names one (not `auto`).
+    pub fn fixed_snapshot(&self) -> Option<&str> {
+        self.snapshot.as_deref().filter(|s| *s != "auto")
+    }
+}
+
+/// Whether `s` is a snapshot timestamp `YYYYMMDDTHHMMSSZ`.
+pub fn is_snapshot_timestamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 16
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit)
+}
+
+/// The snapshot timestamp of a Unix time.
+pub fn snapshot_timestamp(epoch: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(epoch)
+        .map(|t| {
+            format!(
+                "{:04}{:02}{:02}T{:02}{:02}{:02}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
+        .unwrap_or_else(|_| "19700101T000000Z".into())
 }
 
 fn default_mirror() -> String {
@@ -135,8 +193,11 @@ pub struct Artifact {
     pub name: String,
     /// Where to fetch it (https).
     pub url: String,
-    /// Expected sha256 (64 hex digits).
-    pub sha256: String,
+    /// The publisher's sha256 (64 hex digits), when it publishes one: the download must match it.
+    /// Without it, `--refresh-lock` records the sha256 of the first download in the lock (trust on
+    /// first use) and later builds verify against the lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     /// Absolute destination path in the image.
     pub dest: String,
     /// Octal mode, e.g. `"0755"`.
@@ -297,6 +358,16 @@ pub fn parse_size(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_timestamps() {
+        assert!(is_snapshot_timestamp("20261122T000000Z"));
+        assert!(!is_snapshot_timestamp("20261122T000000"));
+        assert!(!is_snapshot_timestamp("2026112xT000000Z"));
+        assert!(!is_snapshot_timestamp("auto"));
+        assert_eq!(snapshot_timestamp(1_795_440_370), "20261123T132610Z");
+        assert!(is_snapshot_timestamp(&snapshot_timestamp(0)));
+    }
 
     #[test]
     fn sizes_parse() {
