@@ -22,6 +22,8 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/ws/tests"
 cp -a image-specs cloud-init "$work/ws/"
 cp -a tests/gitlab-runner-double "$work/ws/tests/"
+# Resolve against what the mirror serves today, not the committed lock.
+rm -f "$work"/ws/image-specs/*.lock
 spec=$work/ws/image-specs/gitlab-runner.yaml
 cache=${IMAGECTL_BENCH_CACHE:-/var/tmp/imagectl-bench-cache}
 mkdir -p "$cache"

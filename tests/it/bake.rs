@@ -38,7 +38,7 @@ fn build(spec: &Path, out: &Path, extra: &[&str]) -> Output {
         .expect("running imagectl build")
 }
 
-fn json(o: &Output) -> serde_json::Value {
+pub(crate) fn json(o: &Output) -> serde_json::Value {
     assert!(
         o.status.success(),
         "imagectl failed ({}): {}",
@@ -48,7 +48,7 @@ fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).expect("JSON on stdout")
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 

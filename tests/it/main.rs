@@ -3,6 +3,7 @@ mod agent;
 mod agent_cli;
 mod bake;
 mod docs;
+mod drift;
 mod e2e_agent;
 mod e2e_image;
 mod fleet_gitlab;

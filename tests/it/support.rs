@@ -91,21 +91,20 @@ pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The offline-profile image of `image-specs/gitlab-runner.yaml`, baked once per test run (the
-/// rootfs layer is reused from the shared cache across runs). Returns the qcow2 path.
+/// The offline-profile image of `image-specs/gitlab-runner.yaml`, baked once per test run against
+/// what the mirror serves today (the rootfs layer is reused from the shared cache across runs).
+/// Returns the qcow2 path.
 pub fn offline_image() -> &'static Path {
     static IMG: OnceLock<PathBuf> = OnceLock::new();
     IMG.get_or_init(|| {
         let _agent = agent_bin();
         let out = test_dir().join("offline-out");
         let _ = std::fs::remove_dir_all(&out);
-        // A private copy of the lock, so the committed one is never rewritten by tests.
+        // A lock of this run's own: the committed one pins versions the mirror may no longer
+        // serve, and tests must never rewrite it. A lock left by an earlier run in the same test
+        // directory is kept (its pins are then re-resolved if they drifted).
+        std::fs::create_dir_all(test_dir()).unwrap();
         let lock = test_dir().join("offline.lock");
-        let committed = workspace().join("image-specs/gitlab-runner.offline.lock");
-        if committed.is_file() && !lock.is_file() {
-            std::fs::create_dir_all(test_dir()).unwrap();
-            std::fs::copy(&committed, &lock).unwrap();
-        }
         let o = Command::new(imagectl_bin())
             .arg("build")
             .arg(workspace().join("image-specs/gitlab-runner.yaml"))

@@ -63,7 +63,11 @@ pub fn expected(
     }
     let from_lock = lock
         .filter(|_| !refresh)
-        .and_then(|l| l.artifacts.iter().find(|x| x.name == a.name && x.url == a.url))
+        .and_then(|l| {
+            l.artifacts
+                .iter()
+                .find(|x| x.name == a.name && x.url == a.url)
+        })
         .map(|x| x.sha256.clone());
     if from_lock.is_none() && locked {
         return Err(input(format!(
@@ -124,8 +128,7 @@ pub fn fetch(
         .with_context(|| format!("creating a download file in {}", dir.display()))?;
     if let Some(path) = a.url.strip_prefix("file://") {
         let mut src = fs_err::File::open(path)?;
-        std::io::copy(&mut src, tmp.as_file_mut())
-            .with_context(|| format!("copying {}", a.url))?;
+        std::io::copy(&mut src, tmp.as_file_mut()).with_context(|| format!("copying {}", a.url))?;
     } else {
         download(a, tmp.as_file_mut(), progress)?;
     }

@@ -359,7 +359,10 @@ mod tests {
             &["a 1 → 2 (pinned version no longer served)".into()],
         );
         assert!(md.contains("## Pinned versions no longer served"), "{md}");
-        assert!(md.contains("- a 1 → 2 (pinned version no longer served)"), "{md}");
+        assert!(
+            md.contains("- a 1 → 2 (pinned version no longer served)"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@
 pub mod artifacts;
 pub mod changelog;
 pub mod disk;
+pub mod fetch;
 pub mod layer;
 pub mod origin;
 pub mod resolve;

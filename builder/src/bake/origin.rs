@@ -293,16 +293,15 @@ fn split_served(
     index: &BTreeMap<(String, String), String>,
     differs: &mut std::collections::BTreeSet<String>,
 ) -> (Vec<LockedPackage>, Vec<LockedPackage>) {
-    pins.into_iter().partition(|p| {
-        match index.get(&(p.name.clone(), p.version.clone())) {
+    pins.into_iter()
+        .partition(|p| match index.get(&(p.name.clone(), p.version.clone())) {
             Some(sha) if *sha == p.sha256 => true,
             Some(_) => {
                 differs.insert(p.name.clone());
                 false
             }
             None => false,
-        }
-    })
+        })
 }
 
 #[cfg(test)]
@@ -325,7 +324,11 @@ mod tests {
         index.insert(("b".into(), "1".into()), "xx".into());
         let mut differs = Default::default();
         let (found, left) = split_served(
-            vec![pin("a", "1", "aa"), pin("b", "1", "bb"), pin("c", "1", "cc")],
+            vec![
+                pin("a", "1", "aa"),
+                pin("b", "1", "bb"),
+                pin("c", "1", "cc"),
+            ],
             &index,
             &mut differs,
         );

@@ -173,24 +173,23 @@ pub fn ensure_layer(
     let started = Instant::now();
     let tmp = cache.layer(&key).with_extension("tar.part");
     let sources = fetch(need_mirror, need_snapshot);
-    let (installed, lists) =
-        match rootfs::bootstrap(&inputs, &sources, &tmp, &deb_cache, work) {
-            Ok(x) => x,
-            Err(e) if !missing.is_empty() && e.downcast_ref::<AptRefused>().is_some() => {
-                tracing::debug!("partial re-resolution refused: {e:#}");
-                progress.note(
-                    "the remaining pins do not fit the re-resolved packages; resolving every \
+    let (installed, lists) = match rootfs::bootstrap(&inputs, &sources, &tmp, &deb_cache, work) {
+        Ok(x) => x,
+        Err(e) if !missing.is_empty() && e.downcast_ref::<AptRefused>().is_some() => {
+            tracing::debug!("partial re-resolution refused: {e:#}");
+            progress.note(
+                "the remaining pins do not fit the re-resolved packages; resolving every \
                      package afresh",
-                );
-                inputs = base.pinned(None);
-                key = inputs.key();
-                let tmp2 = cache.layer(&key).with_extension("tar.part");
-                let r = rootfs::bootstrap(&inputs, &fetch(true, false), &tmp2, &deb_cache, work)?;
-                fs_err::rename(&tmp2, &tmp)?;
-                r
-            }
-            Err(e) => return Err(e),
-        };
+            );
+            inputs = base.pinned(None);
+            key = inputs.key();
+            let tmp2 = cache.layer(&key).with_extension("tar.part");
+            let r = rootfs::bootstrap(&inputs, &fetch(true, false), &tmp2, &deb_cache, work)?;
+            fs_err::rename(&tmp2, &tmp)?;
+            r
+        }
+        Err(e) => return Err(e),
+    };
     let meta = record(base, installed, &lists, started)?;
     let layer_path = cache.layer(&key);
     let meta_path = cache.layer_meta(&key);
@@ -260,8 +259,7 @@ fn record(
 }
 
 fn deb_field(deb: &Path, field: &str) -> Result<String> {
-    let out =
-        crate::util::run_output(Command::new("dpkg-deb").arg("--field").arg(deb).arg(field))?;
+    let out = crate::util::run_output(Command::new("dpkg-deb").arg("--field").arg(deb).arg(field))?;
     Ok(out.trim().to_string())
 }
 
@@ -287,7 +285,7 @@ pub fn drift_lines(missing: &[origin::Missing], now: &[LockedPackage]) -> Vec<St
 }
 
 /// `--locked` and drift: a few lines naming the packages, the sources tried and the remedies.
-fn refusal(located: &Located, lock_path: &Path) -> anyhow::Error {
+pub fn refusal(located: &Located, lock_path: &Path) -> anyhow::Error {
     let names: Vec<String> = located
         .missing
         .iter()
@@ -377,7 +375,10 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("p0 1") && msg.contains("and 4 more"), "{msg}");
         assert!(msg.contains("the mirror (m bookworm)"), "{msg}");
-        assert!(msg.contains("--refresh-lock") && msg.contains("imagectl fetch"), "{msg}");
+        assert!(
+            msg.contains("--refresh-lock") && msg.contains("imagectl fetch"),
+            "{msg}"
+        );
         assert!(msg.lines().count() <= 4, "{msg}");
     }
 }

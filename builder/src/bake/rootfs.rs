@@ -265,7 +265,11 @@ pub fn bootstrap(
     let image_sources = work.join("image-sources.list");
     fs_err::write(
         &image_sources,
-        inputs.sources.iter().map(|l| l.clone() + "\n").collect::<String>(),
+        inputs
+            .sources
+            .iter()
+            .map(|l| l.clone() + "\n")
+            .collect::<String>(),
     )?;
     let installed = work.join("imagectl-installed.tsv");
     let q = |p: &Path| quote(&p.to_string_lossy());
@@ -300,7 +304,11 @@ pub fn bootstrap(
         }
         keys_done.push(k.image.clone());
         cmd.arg("--customize-hook=mkdir -p \"$1\"/etc/apt/keyrings")
-            .arg(format!("--customize-hook=upload {} {}", q(&k.host), quote(&k.image)));
+            .arg(format!(
+                "--customize-hook=upload {} {}",
+                q(&k.host),
+                quote(&k.image)
+            ));
     }
     cmd.arg(
         "--customize-hook=chroot \"$1\" dpkg-query -W -f='${Package}\\t${Version}\\t${Architecture}\\n' > \"$1\"/tmp/imagectl-installed.tsv",
@@ -448,7 +456,10 @@ mod tests {
         assert!(msg.contains("Version '6.1.192-2'"), "{msg}");
         assert!(!msg.contains("Download-Only"), "{msg}");
         assert!(e.downcast_ref::<AptRefused>().is_some());
-        let e = failure("E: Failed to fetch http://x/y  Could not resolve 'x'\n", "exit status: 1");
+        let e = failure(
+            "E: Failed to fetch http://x/y  Could not resolve 'x'\n",
+            "exit status: 1",
+        );
         assert!(e.downcast_ref::<AptRefused>().is_none());
         assert!(e.to_string().contains("--profile offline"));
     }

@@ -363,7 +363,9 @@ pub fn for_spec(l: &Loaded, keys_cache: &Path) -> Result<Vec<AptSource>> {
             trusted: false,
         };
         if let (true, Some(ts)) = (on_debian, s.base.fixed_snapshot()) {
-            src = src.snapshot(&s.base.snapshot_base(), ts).expect("a Debian archive");
+            src = src
+                .snapshot(&s.base.snapshot_base(), ts)
+                .expect("a Debian archive");
         }
         out.push(src);
     }
@@ -458,12 +460,17 @@ mod tests {
             s.image_line(),
             "deb [signed-by=/etc/apt/keyrings/imagectl-base.asc] http://m.invalid/debian bookworm main"
         );
-        let snap = s.snapshot("http://127.0.0.1:1", "20261122T000000Z").unwrap();
+        let snap = s
+            .snapshot("http://127.0.0.1:1", "20261122T000000Z")
+            .unwrap();
         assert_eq!(
             snap.host_line(),
             "deb [signed-by=/host/k.asc check-valid-until=no] \
              http://127.0.0.1:1/archive/debian-security/20261122T000000Z/ bookworm main"
         );
-        assert!(src(None).snapshot("x", "y").is_none(), "not a Debian archive");
+        assert!(
+            src(None).snapshot("x", "y").is_none(),
+            "not a Debian archive"
+        );
     }
 }

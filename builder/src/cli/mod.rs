@@ -7,6 +7,7 @@ mod build;
 mod completions;
 mod deploy;
 mod destroy;
+mod fetch;
 mod gc;
 mod images;
 mod inspect;
@@ -86,6 +87,8 @@ pub struct Cli {
 enum Command {
     /// Bake a golden qcow2 image from an image spec.
     Build(build::Args),
+    /// Download every locked .deb and artifact into a directory, for a rebuild without a mirror.
+    Fetch(fetch::Args),
     /// Show what is in a baked image or its manifest, and check its hygiene.
     Inspect(inspect::Args),
     /// Boot an image in QEMU and check that its services come up.
@@ -127,6 +130,7 @@ pub fn main() -> i32 {
     init_tracing(cli.global.verbose);
     let result = match cli.command {
         Command::Build(a) => build::run(&cli.global, a),
+        Command::Fetch(a) => fetch::run(&cli.global, a),
         Command::Inspect(a) => inspect::run(&cli.global, a),
         Command::Test(a) => test::run(&cli.global, a),
         Command::Seed(a) => seed::run(&cli.global, a),

@@ -5,7 +5,8 @@
 //! they are rewritten relative to the spec so that hashes do not depend on where the checkout is.
 
 use super::{
-    is_snapshot_timestamp, parse_size, AptRepository, Artifact, FileEntry, LocalPackage, Spec, Units,
+    is_snapshot_timestamp, parse_size, AptRepository, Artifact, FileEntry, LocalPackage, Spec,
+    Units,
 };
 use crate::error::input;
 use anyhow::{Context, Result};
