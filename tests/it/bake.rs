@@ -116,6 +116,10 @@ fn semantic_errors_exit_2_with_a_clear_message() {
         (&format!("{BASE}units: {{enable: [notaunit]}}\n"), "not a systemd unit"),
         (&format!("{BASE}apt_repositories:\n  - {{name: r, url: 'https://r.invalid/debian', suite: s}}\n"), "needs a signing key"),
         (&format!("{BASE}apt_repositories:\n  - {{name: r, url: 'https://r.invalid', suite: s, key_url: 'https://r.invalid/k', key_fingerprint: ABCD}}\n"), "40-hex-digit"),
+        ("name: t\nversion: \"1\"\nbase: {distribution: debian, suite: bookworm, snapshot: yesterday}\n", "give \"auto\" or a timestamp"),
+        ("name: t\nversion: \"1\"\nbase: {distribution: debian, suite: bookworm, snapshot_url: 'ftp://x'}\n", "base.snapshot_url"),
+        ("name: t\nversion: \"1\"\nbase: {distribution: debian, suite: bookworm, key_file: files/hello.txt}\npackages: [linux-image-cloud-amd64]\n", "not an OpenPGP public key"),
+        ("name: t\nversion: \"1\"\nbase: {distribution: debian, suite: bookworm, key_file: nope.asc}\n", "base.key_file"),
     ];
     for (yaml, want) in cases {
         let (code, err) = spec_error(yaml);

@@ -24,10 +24,11 @@ use std::process::{Command, Output};
 
 fn imagectl(args: &[&str], extra: &[&Path]) -> Output {
     let mut c = Command::new(imagectl_bin());
-    c.args(args).args(["--output", "json", "--quiet"]);
+    c.args(args);
     for p in extra {
         c.arg(p);
     }
+    c.args(["--output", "json", "--quiet"]);
     c.output().expect("running imagectl")
 }
 
@@ -46,7 +47,6 @@ fn build(spec: &Path, out: &Path, cache: &Path, lock: &Path, flags: &[&str]) -> 
         .args(flags);
     c.output().expect("running imagectl build")
 }
-
 
 fn lock_value(lock: &Path, key: &str) -> Option<String> {
     let v: toml::Value = toml::from_str(&std::fs::read_to_string(lock).unwrap()).unwrap();
@@ -97,7 +97,13 @@ fn a_moving_mirror_is_re_resolved_refused_when_locked_and_served_by_snapshot_and
     let _img = offline_image();
     let _g = heavy();
     let t = tempfile::tempdir().unwrap();
-    let dir = t.path();
+    let dir = t.path().to_path_buf();
+    if std::env::var_os("IMAGECTL_KEEP_TEST_DIRS").is_some() {
+        // For a look at the repository and the builds after a failure.
+        eprintln!("keeping {}", dir.display());
+        std::mem::forget(t);
+    }
+    let dir = dir.as_path();
     let debs: Vec<PathBuf> = std::fs::read_dir(cache_dir().join("debs/bookworm"))
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -294,22 +294,55 @@ pub fn bootstrap(
     for c in &inputs.chroot_commands {
         cmd.arg(format!("--customize-hook=chroot \"$1\" sh -c {}", quote(c)));
     }
-    // The image's own sources and keys, in place of what this build fetched from.
-    cmd.arg("--customize-hook=rm -f \"$1\"/etc/apt/sources.list.d/0000main.list \"$1\"/etc/apt/sources.list.d/0001main.list")
-        .arg(format!("--customize-hook=upload {} /etc/apt/sources.list", q(&image_sources)));
+    // mmdebstrap runs apt on this host, which verifies signatures as its unprivileged `_apt`
+    // user, while apt inside the chroot reads the same `signed-by` path: so the keys are staged
+    // in a new world-readable directory (random name) at the same path on both sides, and removed
+    // from the image again; the image keeps them under /etc/apt/keyrings.
+    let stage = tempfile::Builder::new()
+        .prefix("imagectl-keys-")
+        .tempdir()
+        .context("creating a directory for the signing keys")?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs_err::set_permissions(stage.path(), std::fs::Permissions::from_mode(0o755))?;
+    }
+    let stage_dir = stage.path().to_string_lossy().into_owned();
     let mut keys_done = Vec::new();
     for k in inputs.apt.iter().filter_map(|a| a.key.as_ref()) {
         if keys_done.contains(&k.image) {
             continue;
         }
         keys_done.push(k.image.clone());
-        cmd.arg("--customize-hook=mkdir -p \"$1\"/etc/apt/keyrings")
+        let name = Path::new(&k.image).file_name().unwrap_or_default();
+        let staged = stage.path().join(name);
+        fs_err::copy(&k.host, &staged)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs_err::set_permissions(&staged, std::fs::Permissions::from_mode(0o644))?;
+        }
+        cmd.arg(format!("--setup-hook=mkdir -p \"$1\"{}", quote(&stage_dir)))
+            .arg(format!("--setup-hook=upload {} {}", q(&staged), q(&staged)))
+            .arg("--customize-hook=mkdir -p \"$1\"/etc/apt/keyrings")
             .arg(format!(
                 "--customize-hook=upload {} {}",
-                q(&k.host),
+                q(&staged),
+                quote(&k.image)
+            ))
+            .arg(format!(
+                "--customize-hook=chmod 0644 \"$1\"{}",
                 quote(&k.image)
             ));
     }
+    if !keys_done.is_empty() {
+        cmd.arg(format!(
+            "--customize-hook=rm -rf \"$1\"{}",
+            quote(&stage_dir)
+        ));
+    }
+    cmd.arg(format!(
+        "--customize-hook=upload {} /etc/apt/sources.list",
+        q(&image_sources)
+    ));
     cmd.arg(
         "--customize-hook=chroot \"$1\" dpkg-query -W -f='${Package}\\t${Version}\\t${Architecture}\\n' > \"$1\"/tmp/imagectl-installed.tsv",
     )
@@ -321,7 +354,7 @@ pub fn bootstrap(
     .arg(&inputs.suite)
     .arg(out);
     for s in fetch {
-        cmd.arg(s.host_line());
+        cmd.arg(s.staged_line(stage.path()));
     }
     cmd.env("SOURCE_DATE_EPOCH", inputs.epoch.to_string());
     let log = work.join("mmdebstrap.log");

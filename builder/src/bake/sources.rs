@@ -117,6 +117,14 @@ impl AptSource {
         self.line(self.key.as_ref().map(|k| k.image.clone()))
     }
 
+    /// The line with the key staged in `dir` under its image file name (see `rootfs::bootstrap`).
+    pub fn staged_line(&self, dir: &Path) -> String {
+        self.line(self.key.as_ref().map(|k| {
+            let name = Path::new(&k.image).file_name().unwrap_or_default();
+            dir.join(name).to_string_lossy().into_owned()
+        }))
+    }
+
     /// The same suite in the snapshot archive at `timestamp`, for a Debian archive.
     pub fn snapshot(&self, base: &str, timestamp: &str) -> Option<AptSource> {
         let archive = self.archive?;
@@ -271,7 +279,20 @@ pub fn for_spec(l: &Loaded, keys_cache: &Path) -> Result<Vec<AptSource>> {
     let s = &l.spec;
     let (host_main, host_sec) = host_mirrors()?;
     let base_key = match &s.base.key_file {
-        Some(k) => Some(Key::new("base", std::path::absolute(l.resolve(k))?)?),
+        Some(k) => {
+            let path = std::path::absolute(l.resolve(k))?;
+            if key_fingerprints(&path)
+                .map(|f| f.is_empty())
+                .unwrap_or(true)
+            {
+                return Err(input(format!(
+                    "base.key_file {}: not an OpenPGP public key (give the mirror's signing key, \
+                     armored or binary)",
+                    path.display()
+                )));
+            }
+            Some(Key::new("base", path)?)
+        }
         None => None,
     };
     let debian = |uri: &str, suite: String, components: &[String], archive| AptSource {

@@ -41,7 +41,7 @@ impl AptRepo {
         std::fs::set_permissions(&gnupg, std::fs::Permissions::from_mode(0o700)).unwrap();
         let mut repo = AptRepo {
             root: root.clone(),
-            key: dir.join("repo-key.asc"),
+            key: dir.join("signing-key.asc"),
             gnupg,
             server: None,
             port: 0,
