@@ -79,22 +79,15 @@ pub fn fetch(
         .filter(|p| !base.local_names.contains(&p.name))
         .cloned()
         .collect();
-    let snapshot = match (
-        s.base.snapshot.as_deref(),
-        s.base.fixed_snapshot(),
-        &lock.snapshot,
-    ) {
-        (Some(_), None, Some(ts)) => {
-            let url = s.base.snapshot_base();
-            let srcs = base
-                .apt
-                .iter()
-                .filter_map(|a| a.snapshot(&url, ts))
-                .collect();
-            Some((ts.clone(), srcs))
-        }
-        _ => None,
-    };
+    let snapshot = s
+        .base
+        .fallback_snapshot(lock.snapshot.as_deref())
+        .map(|(url, ts)| {
+            (
+                ts.clone(),
+                super::sources::snapshots_of(&base.apt, &url, &ts),
+            )
+        });
     let debs = cache.debs(&s.base.suite);
     let located = origin::locate(&wanted, &debs, &base.apt, snapshot, work.path())?;
     st.done(located.summary());

@@ -347,10 +347,7 @@ pub fn build(l: &Loaded, opt: &Options, progress: &Progress) -> Result<Built> {
     });
 
     // 2. Rootfs layer (drift is re-resolved, or refused with --locked).
-    let fallback = match (&s.base.snapshot, s.base.fixed_snapshot(), &snapshot) {
-        (Some(_), None, Some(ts)) => Some((s.base.snapshot_base(), ts.clone())),
-        _ => None,
-    };
+    let fallback = s.base.fallback_snapshot(snapshot.as_deref());
     let t = Instant::now();
     let outcome = resolve::ensure_layer(
         &resolve::Request {

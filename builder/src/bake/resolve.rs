@@ -95,14 +95,10 @@ pub fn ensure_layer(
             .filter(|p| !base.local_names.contains(&p.name))
             .cloned()
             .collect();
-        let snap = req.snapshot.as_ref().map(|(url, ts)| {
-            let srcs: Vec<AptSource> = base
-                .apt
-                .iter()
-                .filter_map(|a| a.snapshot(url, ts))
-                .collect();
-            (ts.clone(), srcs)
-        });
+        let snap = req
+            .snapshot
+            .as_ref()
+            .map(|(url, ts)| (ts.clone(), sources::snapshots_of(&base.apt, url, ts)));
         let located = origin::locate(&wanted, &deb_cache, &base.apt, snap, work)?;
         origins = Some(located.summary());
         st.done(located.summary());

@@ -141,6 +141,14 @@ impl AptSource {
     }
 }
 
+/// The snapshot archive's copies of the Debian archives among `sources`, at `timestamp`.
+pub fn snapshots_of(sources: &[AptSource], base: &str, timestamp: &str) -> Vec<AptSource> {
+    sources
+        .iter()
+        .filter_map(|a| a.snapshot(base, timestamp))
+        .collect()
+}
+
 /// The build host's Debian mirror and security mirror, from its apt sources.
 pub fn host_mirrors() -> Result<(String, Option<String>)> {
     let mut uris: Vec<(String, Vec<String>)> = Vec::new();

@@ -107,6 +107,16 @@ impl Base {
             .to_string()
     }
 
+    /// The snapshot to fall back on for pins the mirror no longer serves: with `auto`, the
+    /// timestamp the lock recorded, as (base URL, timestamp). A fixed snapshot is the mirror
+    /// itself, so there is nothing to fall back on.
+    pub fn fallback_snapshot(&self, locked: Option<&str>) -> Option<(String, String)> {
+        match (self.snapshot.as_deref(), locked) {
+            (Some("auto"), Some(ts)) => Some((self.snapshot_base(), ts.to_string())),
+            _ => None,
+        }
+    }
+
     /// The fixed snapshot timestamp, when the spec names one (not `auto`).
     pub fn fixed_snapshot(&self) -> Option<&str> {
         self.snapshot.as_deref().filter(|s| *s != "auto")
@@ -367,6 +377,28 @@ mod tests {
         assert!(!is_snapshot_timestamp("auto"));
         assert_eq!(snapshot_timestamp(1_795_440_370), "20261123T132610Z");
         assert!(is_snapshot_timestamp(&snapshot_timestamp(0)));
+    }
+
+    #[test]
+    fn only_auto_falls_back_to_the_locked_snapshot() {
+        let mut b = Base {
+            distribution: "debian".into(),
+            suite: "bookworm".into(),
+            mirror: "host".into(),
+            components: vec!["main".into()],
+            snapshot: Some("auto".into()),
+            snapshot_url: Some("http://127.0.0.1:1/".into()),
+            key_file: None,
+        };
+        assert_eq!(
+            b.fallback_snapshot(Some("20261122T000000Z")),
+            Some(("http://127.0.0.1:1".into(), "20261122T000000Z".into()))
+        );
+        assert_eq!(b.fallback_snapshot(None), None);
+        b.snapshot = Some("20261122T000000Z".into());
+        assert_eq!(b.fallback_snapshot(Some("20261122T000000Z")), None);
+        b.snapshot = None;
+        assert_eq!(b.fallback_snapshot(Some("20261122T000000Z")), None);
     }
 
     #[test]
