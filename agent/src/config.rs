@@ -4,6 +4,19 @@
 //! root-owned (the agent runs as root), replaced atomically. The layout matches what
 //! `gitlab-runner register` writes (`token_obtained_at`/`token_expires_at` are TOML datetimes,
 //! `0001-01-01T00:00:00Z` meaning "no expiry").
+//!
+//! # Reading a file gitlab-runner rewrote
+//!
+//! gitlab-runner rewrites config.toml itself, e.g. when it rotates an expiring token
+//! (gitlab-org/gitlab-runner `common/config.go` `SaveConfig`, BurntSushi/toml encoder). The field
+//! names and TOML keys are those of `common/config.go`: `RunnerCredentials` (`url`, `id`, `token`,
+//! `token_obtained_at`, `token_expires_at` as `time.Time`, zero = `0001-01-01T00:00:00Z`,
+//! `tls-ca-file,omitempty`), `RunnerConfig`/`RunnerSettings` (`name`, `executor`, …) and
+//! `DockerConfig`, whose `privileged`/`disable_cache` are `omitzero`, `volumes`/`allowed_images`/
+//! `allowed_services`/`pull_policy`/`shm_size` `omitempty`, and `pull_policy` a `StringOrArray` (a
+//! string or a list). So when the agent reads the file back (the recover path), **every** field
+//! has a serde default, unknown keys and tables (`[session_server]`, `[runners.cache]`,
+//! `connection_max_age`, …) are ignored, and `pull_policy` takes either form.
 
 use crate::fsx;
 use anyhow::{Context, Result};
@@ -16,11 +29,13 @@ use toml::value::Datetime;
 pub const NO_EXPIRY: &str = "0001-01-01T00:00:00Z";
 
 /// The whole file.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct RunnerConfig {
     /// Jobs run at once across all runners.
+    #[serde(default)]
     pub concurrent: u32,
     /// Seconds between job polls.
+    #[serde(default)]
     pub check_interval: u32,
     /// Metrics listen address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -31,16 +46,19 @@ pub struct RunnerConfig {
 }
 
 /// One `[[runners]]` entry.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Runner {
     /// Runner name.
+    #[serde(default)]
     pub name: String,
     /// GitLab base URL.
+    #[serde(default)]
     pub url: String,
     /// Runner id.
     #[serde(default)]
     pub id: u64,
     /// The runner authentication token.
+    #[serde(default)]
     pub token: Secret,
     /// When the token was obtained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -49,6 +67,7 @@ pub struct Runner {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_expires_at: Option<Datetime>,
     /// Executor (always `docker` here).
+    #[serde(default)]
     pub executor: String,
     /// CA bundle to trust for `url`.
     #[serde(
@@ -63,7 +82,8 @@ pub struct Runner {
 }
 
 /// `[runners.docker]`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Docker {
     /// Default job image.
     pub image: String,
@@ -73,7 +93,8 @@ pub struct Docker {
     pub volumes: Vec<String>,
     /// `/dev/shm` size in bytes.
     pub shm_size: u64,
-    /// Pull policies.
+    /// Pull policies (gitlab-runner accepts one string or a list).
+    #[serde(deserialize_with = "string_or_list")]
     pub pull_policy: Vec<String>,
     /// Allowed job images.
     pub allowed_images: Vec<String>,
@@ -81,6 +102,20 @@ pub struct Docker {
     pub allowed_services: Vec<String>,
     /// Disable the cache volume.
     pub disable_cache: bool,
+}
+
+/// `"x"` or `["x", "y"]` (gitlab-runner's `StringOrArray`).
+fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 impl From<&DockerExecutor> for Docker {
@@ -114,18 +149,12 @@ pub fn datetime(rfc3339: Option<&str>) -> Result<Datetime> {
         .with_context(|| format!("converting {text:?} to a TOML datetime"))
 }
 
-/// Now, as a TOML datetime.
-pub fn now() -> Result<Datetime> {
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .context("formatting the current time")?;
-    datetime(Some(&now))
-}
-
-/// Builds the configuration for the seed's runner with `token`.
+/// Builds the configuration for the seed's runner with `token`, obtained at `obtained_at` (see
+/// [`crate::clock`]: GitLab's `Date`, not the guest's clock).
 pub fn build(
     seed: &AgentSeed,
     token: &Secret,
+    obtained_at: Datetime,
     expires_at: Option<&str>,
     tls_ca_file: Option<String>,
 ) -> Result<RunnerConfig> {
@@ -138,7 +167,7 @@ pub fn build(
             url: seed.gitlab_url.trim_end_matches('/').to_owned(),
             id: seed.runner_id,
             token: token.clone(),
-            token_obtained_at: Some(now()?),
+            token_obtained_at: Some(obtained_at),
             token_expires_at: Some(datetime(expires_at)?),
             executor: "docker".into(),
             tls_ca_file,
@@ -204,6 +233,7 @@ mod tests {
         let cfg = build(
             &seed(),
             &Secret::new("glrt-new"),
+            datetime(Some("2026-05-01T10:00:00Z")).unwrap(),
             None,
             Some("/etc/gitlab-runner/ca.pem".into()),
         )
@@ -217,6 +247,10 @@ mod tests {
             "{text}"
         );
         assert!(
+            text.contains("token_obtained_at = 2026-05-01T10:00:00Z"),
+            "{text}"
+        );
+        assert!(
             text.contains("tls-ca-file = \"/etc/gitlab-runner/ca.pem\""),
             "{text}"
         );
@@ -225,6 +259,82 @@ mod tests {
         let back: RunnerConfig = toml::from_str(&text).unwrap();
         assert_eq!(back.runners[0].token.expose(), "glrt-new");
         assert!(runner_for(&back, &seed()).is_some());
+    }
+
+    /// config.toml as gitlab-runner 17.x/18.x rewrites it after rotating the token itself
+    /// (BurntSushi/toml, key order and tags of gitlab-org/gitlab-runner `common/config.go`):
+    /// nanosecond `token_obtained_at`, zero `token_expires_at`, `omitzero` booleans and an empty
+    /// `shm_size` left out, `pull_policy` as one string, tables the agent never writes.
+    pub(crate) const REWRITTEN_BY_RUNNER: &str = r#"listen_address = ":9252"
+concurrent = 2
+check_interval = 3
+connection_max_age = "15m0s"
+shutdown_timeout = 0
+
+[session_server]
+  session_timeout = 1800
+
+[[runners]]
+  name = "imagectl/ci/vm1"
+  url = "https://gl.example"
+  id = 42
+  token = "glrt-rewritten-by-runner"
+  token_obtained_at = 2026-03-01T10:20:30.123456789Z
+  token_expires_at = 0001-01-01T00:00:00Z
+  tls-ca-file = "/etc/gitlab-runner/ca.pem"
+  executor = "docker"
+  [runners.custom_build_dir]
+  [runners.cache]
+    MaxUploadedArchiveSize = 0
+    [runners.cache.s3]
+    [runners.cache.gcs]
+    [runners.cache.azure]
+  [runners.docker]
+    tls_verify = false
+    image = "docker:stable"
+    volumes = ["/cache"]
+    pull_policy = "if-not-present"
+    network_mtu = 0
+"#;
+
+    #[test]
+    fn reads_a_config_rewritten_by_gitlab_runner() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("config.toml");
+        std::fs::write(&p, REWRITTEN_BY_RUNNER).unwrap();
+        let cfg = read_existing(&p).unwrap().expect("parses");
+        let r = runner_for(&cfg, &seed()).expect("the seed's runner");
+        assert_eq!(r.token.expose(), "glrt-rewritten-by-runner");
+        assert_eq!(
+            r.token_obtained_at.unwrap().to_string(),
+            "2026-03-01T10:20:30.123456789Z"
+        );
+        assert_eq!(r.token_expires_at.unwrap().to_string(), NO_EXPIRY);
+        let docker = r.docker.as_ref().unwrap();
+        assert_eq!(docker.pull_policy, vec!["if-not-present".to_owned()]);
+        assert!(!docker.privileged && !docker.disable_cache && docker.shm_size == 0);
+        assert_eq!(cfg.listen_address.as_deref(), Some(":9252"));
+    }
+
+    #[test]
+    fn every_field_may_be_missing() {
+        // No times, no docker section, no check_interval, no listen_address, no name.
+        let cfg: RunnerConfig = toml::from_str(
+            "concurrent = 1\n[[runners]]\nurl = \"https://gl.example/\"\nid = 42\ntoken = \"glrt-min\"\n",
+        )
+        .unwrap();
+        let r = runner_for(&cfg, &seed()).unwrap();
+        assert!(r.token_obtained_at.is_none() && r.token_expires_at.is_none());
+        assert!(r.docker.is_none() && r.executor.is_empty());
+        assert_eq!(cfg.check_interval, 0);
+        let cfg: RunnerConfig = toml::from_str("").unwrap();
+        assert!(cfg.runners.is_empty());
+        let d: Docker = toml::from_str("pull_policy = [\"always\", \"if-not-present\"]").unwrap();
+        assert_eq!(d.pull_policy.len(), 2);
+        // A runner without a token is never "the seed's runner".
+        let cfg: RunnerConfig =
+            toml::from_str("[[runners]]\nurl = \"https://gl.example\"\nid = 42\n").unwrap();
+        assert!(runner_for(&cfg, &seed()).is_none());
     }
 
     #[test]

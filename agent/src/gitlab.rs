@@ -1,40 +1,38 @@
 //! The two runner-authenticated GitLab calls the agent makes, with bounded retries.
 //!
 //! * `POST /api/v4/runners/verify` `{token, system_id}` — 200 → the runner's id; 403 (invalid
-//!   token) and 422 (orphaned runner) are final; network errors, 5xx and 429 are retried.
-//! * `POST /api/v4/runners/reset_authentication_token` `{token}` — 200/201 → a new token; the old one
-//!   is dead. Retried on network errors, 5xx and 429 (a 429 was not processed, so retrying is safe).
+//!   token) and 422 (orphaned runner) are final; network errors, 408, 429 and 5xx are retried.
+//! * `POST /api/v4/runners/reset_authentication_token` `{token, system_id}` — 200/201 → a new
+//!   token; the old one is dead. Retried like verify (a 429 was not processed, so retrying is
+//!   safe). The response's `Date` header is kept: it dates the new token (see [`crate::clock`]).
 //!
-//! Retries use exponential backoff with jitter inside a total time budget. A TLS certificate that
-//! does not verify (unknown issuer, wrong name, …) is not retried: it cannot start to verify
-//! later, and retrying would only hold the boot for the whole budget. The exception is a
-//! certificate outside its validity period, which a guest clock not yet synchronised at first
-//! boot can cause; that is retried like a network error. Request bodies are never
-//! logged; error texts carry the status and GitLab's short `message` at most, and pass through
-//! [`crate::log::redact`] in case a server ever echoes the token.
+//! Retries follow [`imagectl_proto::retry`], the policy the builder uses too: jittered exponential
+//! back-off inside a total time budget, and on 429/503 never sooner than GitLab's `Retry-After`
+//! (or `RateLimit-ResetTime`) — giving up at once, with that reason, when the asked wait does not
+//! fit in the budget. A TLS certificate that does not verify (unknown issuer, wrong name, …) is not
+//! retried: it cannot start to verify later, and retrying would only hold the boot for the whole
+//! budget. The exception is a certificate outside its validity period, which a guest clock not yet
+//! synchronised at first boot can cause; that is retried like a network error. Request bodies are
+//! never logged; error texts carry the status and GitLab's short `message` at most, and pass
+//! through [`crate::log::redact`] in case a server ever echoes the token.
 
 use crate::log::redact;
 use anyhow::{anyhow, bail, Context, Result};
+use imagectl_proto::retry::{self, Backoff, GiveUp, Pause};
 use imagectl_proto::Secret;
 use serde::Deserialize;
 use std::io::Read;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
+
+/// The retry policy (first pause, longest pause, total budget), shared with the builder.
+pub use imagectl_proto::retry::Policy as RetryPolicy;
 
 /// The largest response body the agent reads.
 const BODY_LIMIT: u64 = 64 * 1024;
 /// Per-request ceiling (each attempt is also capped by the remaining budget).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest pause between attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-/// Retry policy: a total budget and the first backoff step.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Total time allowed for all attempts and pauses.
-    pub budget: Duration,
-    /// Pause after the first failed attempt; doubles each time, up to 30 s, with jitter.
-    pub initial_backoff: Duration,
-}
+/// Shortest per-request timeout, even right before the budget ends.
+const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `POST /runners/verify` → 200.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,6 +52,19 @@ pub struct Rotated {
     /// When the new token expires (RFC 3339), if it does.
     #[serde(default)]
     pub token_expires_at: Option<String>,
+    /// GitLab's clock when it answered: the response's `Date` header, if it had a valid one.
+    #[serde(skip)]
+    pub server_date: Option<SystemTime>,
+}
+
+/// One answered request.
+struct Reply {
+    status: u16,
+    text: String,
+    /// What the server asked to wait (429/503 with `Retry-After` or `RateLimit-ResetTime`).
+    server_wait: Option<Duration>,
+    /// The `Date` header.
+    date: Option<SystemTime>,
 }
 
 /// How a failed call ended.
@@ -71,12 +82,15 @@ pub enum CallError {
         /// The TLS error, redacted.
         message: String,
     },
-    /// The budget ran out while the call kept failing transiently.
+    /// The budget ran out (or could not cover the wait GitLab asked for) while the call kept
+    /// failing transiently.
     Exhausted {
         /// Attempts made.
         attempts: u32,
         /// The last transient error, redacted.
         last: String,
+        /// Why no further attempt was made.
+        why: GiveUp,
     },
 }
 
@@ -88,12 +102,14 @@ impl std::fmt::Display for CallError {
                 f,
                 "the server's TLS certificate was rejected (not retried; check gitlab_url and the seed's ca_bundle): {message}"
             ),
-            CallError::Exhausted { attempts, last } => {
-                write!(
-                    f,
-                    "gave up after {attempts} attempts within the time budget; last error: {last}"
-                )
-            }
+            CallError::Exhausted {
+                attempts,
+                last,
+                why,
+            } => write!(
+                f,
+                "gave up after {attempts} attempt(s): {why}; last error: {last}"
+            ),
         }
     }
 }
@@ -154,17 +170,28 @@ impl Gitlab {
     ) -> Result<Verified, CallError> {
         let body = serde_json::json!({ "token": token.expose(), "system_id": system_id });
         self.call("/runners/verify", &body, policy, &[200])
+            .map(|(v, _)| v)
     }
 
-    /// `POST /runners/reset_authentication_token`.
-    pub fn rotate(&self, token: &Secret, policy: RetryPolicy) -> Result<Rotated, CallError> {
-        let body = serde_json::json!({ "token": token.expose() });
-        let r: Rotated = self.call(
+    /// `POST /runners/reset_authentication_token`, naming this runner manager: GitLab's
+    /// `authenticate_runner!` files the call under `params.fetch(:system_id, LEGACY_SYSTEM_XID)`
+    /// (gitlabhq `lib/api/ci/helpers/runner.rb`, `current_runner_manager`), so without it a stray
+    /// `<legacy>` manager would appear. (gitlab-runner's own `ResetTokenRequest` sends the token
+    /// only: gitlab-org/gitlab-runner `common/network.go`.)
+    pub fn rotate(
+        &self,
+        token: &Secret,
+        system_id: &str,
+        policy: RetryPolicy,
+    ) -> Result<Rotated, CallError> {
+        let body = serde_json::json!({ "token": token.expose(), "system_id": system_id });
+        let (mut r, date): (Rotated, _) = self.call(
             "/runners/reset_authentication_token",
             &body,
             policy,
             &[200, 201],
         )?;
+        r.server_date = date;
         if r.token.is_empty() {
             return Err(CallError::Final {
                 status: 201,
@@ -175,42 +202,49 @@ impl Gitlab {
         Ok(r)
     }
 
+    /// POSTs `body` to `path` until an `ok` status, a final answer or the end of the budget.
+    /// Returns the parsed body and the response's `Date`.
     fn call<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
         body: &serde_json::Value,
         policy: RetryPolicy,
         ok: &[u16],
-    ) -> Result<T, CallError> {
+    ) -> Result<(T, Option<SystemTime>), CallError> {
         let url = format!("{}/api/v4{path}", self.base);
-        let payload = serde_json::to_vec(body).expect("a JSON value serialises");
-        let deadline = Instant::now() + policy.budget;
-        let mut backoff = policy.initial_backoff;
+        let payload = serde_json::to_vec(body).map_err(|e| CallError::Final {
+            status: 0,
+            message: format!("encoding the request: {}", redact(&e.to_string())),
+        })?;
+        let mut backoff = Backoff::new(policy);
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let outcome = self.attempt(
-                &url,
-                &payload,
-                remaining.min(REQUEST_TIMEOUT).max(Duration::from_secs(1)),
-            );
-            let last = match outcome {
-                Ok((status, text)) if ok.contains(&status) => {
-                    crate::info!("POST {path}: {status} (attempt {attempts})");
-                    return serde_json::from_str(&text).map_err(|e| CallError::Final {
-                        status,
+            let timeout = backoff.attempt_timeout(REQUEST_TIMEOUT, MIN_REQUEST_TIMEOUT);
+            let (last, server_wait) = match self.attempt(&url, &payload, timeout) {
+                Ok(r) if ok.contains(&r.status) => {
+                    crate::info!("POST {path}: {} (attempt {attempts})", r.status);
+                    let parsed = serde_json::from_str(&r.text).map_err(|e| CallError::Final {
+                        status: r.status,
                         message: format!("unreadable response: {}", redact(&e.to_string())),
-                    });
+                    })?;
+                    return Ok((parsed, r.date));
                 }
-                Ok((status, text)) if status >= 500 || status == 429 || status == 408 => {
-                    format!("HTTP {status}: {}", message_of(&text))
+                Ok(r) if retry::is_retryable(r.status) => {
+                    let asked = r
+                        .server_wait
+                        .map(|w| format!(" (Retry-After {} s)", w.as_secs_f64().ceil()))
+                        .unwrap_or_default();
+                    (
+                        format!("HTTP {}{asked}: {}", r.status, message_of(&r.text)),
+                        r.server_wait,
+                    )
                 }
-                Ok((status, text)) => {
-                    crate::info!("POST {path}: {status} (attempt {attempts}, final)");
+                Ok(r) => {
+                    crate::info!("POST {path}: {} (attempt {attempts}, final)", r.status);
                     return Err(CallError::Final {
-                        status,
-                        message: message_of(&text),
+                        status: r.status,
+                        message: message_of(&r.text),
                     });
                 }
                 Err(e) => {
@@ -219,25 +253,31 @@ impl Gitlab {
                         crate::info!("POST {path}: {text} (attempt {attempts}, final)");
                         return Err(CallError::Certificate { message: text });
                     }
-                    text
+                    (text, None)
                 }
             };
-            let pause = jitter(backoff);
-            if Instant::now() + pause >= deadline {
-                crate::warn!("POST {path}: {last} (attempt {attempts}); time budget used up");
-                return Err(CallError::Exhausted { attempts, last });
+            match backoff.next_pause(server_wait) {
+                Pause::Wait(pause) => {
+                    crate::warn!(
+                        "POST {path}: {last} (attempt {attempts}); retrying in {} ms",
+                        pause.as_millis()
+                    );
+                    std::thread::sleep(pause);
+                }
+                Pause::GiveUp(why) => {
+                    crate::warn!("POST {path}: {last} (attempt {attempts}); {why}");
+                    return Err(CallError::Exhausted {
+                        attempts,
+                        last,
+                        why,
+                    });
+                }
             }
-            crate::warn!(
-                "POST {path}: {last} (attempt {attempts}); retrying in {} ms",
-                pause.as_millis()
-            );
-            std::thread::sleep(pause);
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
-    /// One request: the status and (bounded) body text, or a transport error.
-    fn attempt(&self, url: &str, payload: &[u8], timeout: Duration) -> Result<(u16, String)> {
+    /// One request: the status, (bounded) body text and retry headers, or a transport error.
+    fn attempt(&self, url: &str, payload: &[u8], timeout: Duration) -> Result<Reply> {
         let resp = self
             .agent
             .post(url)
@@ -249,13 +289,26 @@ impl Gitlab {
             .send(payload)
             .map_err(|e| anyhow!("{}", redact(&e.to_string())))?;
         let status = resp.status().as_u16();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let server_wait = retry::server_wait(status, header, SystemTime::now());
+        let date = header("Date").and_then(|d| retry::parse_http_date(&d));
         let mut text = String::new();
         resp.into_body()
             .into_reader()
             .take(BODY_LIMIT)
             .read_to_string(&mut text)
             .with_context(|| format!("reading the response to {url}"))?;
-        Ok((status, text))
+        Ok(Reply {
+            status,
+            text,
+            server_wait,
+            date,
+        })
     }
 }
 
@@ -295,92 +348,5 @@ fn message_of(body: &str) -> String {
     msg
 }
 
-/// `d` scaled by a pseudo-random factor in [0.5, 1.0) ("equal jitter"), so a fleet booting together
-/// does not retry in lock-step.
-fn jitter(d: Duration) -> Duration {
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|t| t.subsec_nanos() as u64)
-        .unwrap_or(0)
-        ^ ((std::process::id() as u64) << 32);
-    // splitmix64 step.
-    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    let frac = 0.5 + (z % 1000) as f64 / 2000.0;
-    d.mul_f64(frac)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn message_is_extracted_and_redacted() {
-        crate::log::register_secret("glrt-msg-test-SECRET");
-        assert_eq!(
-            message_of(r#"{"message":"403 Forbidden"}"#),
-            "403 Forbidden"
-        );
-        assert_eq!(
-            message_of(r#"{"message":"bad glrt-msg-test-SECRET"}"#),
-            "bad [REDACTED]"
-        );
-        assert_eq!(
-            message_of("<html>token glrt-msg-test-SECRET</html>"),
-            "(no message)"
-        );
-        assert!(message_of(&format!(r#"{{"error":"{}"}}"#, "é".repeat(300))).ends_with('…'));
-    }
-
-    #[test]
-    fn certificate_failures_are_classified() {
-        assert!(is_permanent_tls_failure(
-            "io: invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))"
-        ));
-        assert!(is_permanent_tls_failure(
-            "io: invalid peer certificate: UnknownIssuer"
-        ));
-        assert!(is_permanent_tls_failure(
-            "io: invalid peer certificate: NotValidForName"
-        ));
-        assert!(!is_permanent_tls_failure(
-            "io: invalid peer certificate: Expired"
-        ));
-        assert!(!is_permanent_tls_failure(
-            "io: invalid peer certificate: NotValidYetContext { time: .. }"
-        ));
-        assert!(!is_permanent_tls_failure(
-            "io: Connection refused (os error 111)"
-        ));
-    }
-
-    #[test]
-    fn jitter_stays_in_range() {
-        for _ in 0..100 {
-            let j = jitter(Duration::from_millis(1000));
-            assert!(
-                j >= Duration::from_millis(500) && j < Duration::from_millis(1000),
-                "{j:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn network_errors_exhaust_the_budget() {
-        // Port 9 on localhost: connection refused at once.
-        let gl = Gitlab::new("http://127.0.0.1:9", None).unwrap();
-        let policy = RetryPolicy {
-            budget: Duration::from_millis(300),
-            initial_backoff: Duration::from_millis(50),
-        };
-        let err = gl
-            .verify(&Secret::new("glrt-x"), "s_000000000000", policy)
-            .unwrap_err();
-        match err {
-            CallError::Exhausted { attempts, .. } => assert!(attempts >= 2, "{attempts}"),
-            other => panic!("{other}"),
-        }
-    }
-}
+mod tests;

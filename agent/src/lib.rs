@@ -3,7 +3,9 @@
 //! Runs once per VM as the systemd oneshot `imagectl-agent.service`. It reads the one-time runner
 //! token from the NoCloud seed (`imagectl/agent.json`), verifies it with GitLab, rotates it so the
 //! copy on the seed is dead, writes `/etc/gitlab-runner/config.toml` (0600) with the new token,
-//! starts gitlab-runner, and reports through `/var/lib/imagectl/status.json`, the
+//! starts gitlab-runner, waits until gitlab-runner's own metrics show a successful job request
+//! ([`runner_poll`]: GitLab also marks the runner online for the agent's verify and rotation, so
+//! "online" alone proves nothing), and reports through `/var/lib/imagectl/status.json`, the
 //! `/var/lib/imagectl/registered` marker and a node_exporter textfile.
 //!
 //! # The token
@@ -21,8 +23,12 @@
 //! | at start        | what the agent does |
 //! |-----------------|---------------------|
 //! | `M`             | nothing, exit 0 (the unit's `ConditionPathExists=!…/registered` already skips it) |
-//! | no `M`, no `C`  | **fresh**: verify `T0` (with the system_id) → write `ca.pem` and `.runner_system_id` → rotate `T0`→`T1` → commit `C(T1)` at once → start gitlab-runner → status `registered` → `M` |
-//! | no `M`, `C(T1)` | **recover** (an earlier run died after committing `C`): verify `T1`; 200 → keep `C`, skip rotation, start gitlab-runner → `registered` → `M`. 403/422 → `T1` is dead: fall back to **fresh** with `T0` |
+//! | no `M`, no `C`  | **fresh**: verify `T0` (with the system_id) → write `ca.pem` and `.runner_system_id` → rotate `T0`→`T1` → commit `C(T1)` at once → start gitlab-runner → see it poll → status `registered` → `M` |
+//! | no `M`, `C(T1)` | **recover** (an earlier run died or failed after committing `C`): verify `T1`; 200 → keep `C`, skip rotation, start gitlab-runner → see it poll → `registered` → `M`. 403/422 → `T1` is dead: fall back to **fresh** with `T0` |
+//!
+//! `C` may have been rewritten by gitlab-runner since (it rotates expiring tokens itself and
+//! writes the file in its own style); [`config`] reads that too. `token_obtained_at` is GitLab's
+//! `Date`, not the guest clock ([`clock`]).
 //!
 //! Crash and failure points on the fresh path:
 //!
@@ -35,18 +41,21 @@
 //!    be closed, only kept short; the controller replaces such a VM (it can delete the runner by id).
 //!    A rotation whose response is lost to a network error is the same case: its retry gets 403.
 //! 3. *After `C(T1)` is committed*: config.toml is kept even if a later step (starting gitlab-runner,
-//!    writing the status) fails, because it holds the only live token; the next run takes the
-//!    **recover** path. "No partial config.toml" holds because it is only ever replaced atomically.
+//!    seeing it poll, writing the status) fails, because it holds the only live token; the next run
+//!    takes the **recover** path. "No partial config.toml" holds because it is only ever replaced
+//!    atomically.
 //!
 //! Nothing is registered twice: the agent never creates runners (imagectl did, once), verify with the
 //! same system_id names the same runner manager (the id is kept in `.runner_system_id` and derived
 //! from the machine-id), and a finished run leaves `M`, after which the agent does nothing.
 
+pub mod clock;
 pub mod config;
 pub mod fsx;
 pub mod gitlab;
 pub mod log;
 pub mod paths;
+pub mod runner_poll;
 pub mod seed;
 pub mod service;
 pub mod status;
@@ -58,7 +67,7 @@ use gitlab::{CallError, Gitlab, RetryPolicy};
 use imagectl_proto::{AgentSeed, AgentState, Secret};
 use paths::Paths;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// What to do; the CLI maps onto this one to one.
 #[derive(Debug, Clone)]
@@ -73,10 +82,23 @@ pub struct Options {
     pub systemctl: bool,
     /// Overrides the seed's `verify_budget_secs` (for verify, and again for the rotation).
     pub budget: Option<Duration>,
-    /// First retry pause; doubles up to 30 s.
+    /// First retry pause; doubles up to `max_backoff`, with jitter.
     pub initial_backoff: Duration,
+    /// Longest exponential retry pause (GitLab's `Retry-After` may ask for more, within budget).
+    pub max_backoff: Duration,
     /// How long gitlab-runner may take to become active.
     pub active_timeout: Duration,
+    /// How long gitlab-runner may take to make its first successful job request, seen in its
+    /// metrics; `None` = do not wait for that (tests and manual runs without gitlab-runner).
+    pub runner_poll: Option<Duration>,
+    /// Where to read gitlab-runner's metrics instead of the seed's `metrics_listen` (a harness
+    /// that runs several runners on one host gives each its own port).
+    pub metrics_url: Option<String>,
+    /// How long to wait for the clock to synchronise when GitLab's answer had no `Date` and the
+    /// token expires (see [`clock`]).
+    pub time_sync_wait: Duration,
+    /// The local clock (tests inject a wrong one).
+    pub local_clock: clock::LocalClock,
 }
 
 impl Default for Options {
@@ -88,7 +110,12 @@ impl Default for Options {
             systemctl: true,
             budget: None,
             initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
             active_timeout: Duration::from_secs(30),
+            runner_poll: Some(Duration::from_secs(120)),
+            metrics_url: None,
+            time_sync_wait: Duration::from_secs(30),
+            local_clock: SystemTime::now,
         }
     }
 }
@@ -201,8 +228,9 @@ fn register(
         .budget
         .unwrap_or(Duration::from_secs(seed.verify_budget_secs));
     let policy = RetryPolicy {
+        initial: opts.initial_backoff,
+        max: opts.max_backoff,
         budget,
-        initial_backoff: opts.initial_backoff,
     };
     let gl = Gitlab::new(&seed.gitlab_url, seed.ca_bundle.as_deref())?;
 
@@ -218,7 +246,7 @@ fn register(
                 check_id(&seed, v.id)?;
                 info!("the token in config.toml works; reusing it (no rotation)");
                 write_side_files(paths, &seed, &system_id, &mut Vec::new())?;
-                start(opts, rec)?;
+                start(opts, rec, &seed, &system_id)?;
                 return Ok((seed.runner_id, system_id, true));
             }
             Err(CallError::Final { status, message }) => {
@@ -247,20 +275,49 @@ fn register(
 
     rec.step("rotate");
     let rotated = gl
-        .rotate(&seed.runner_token, policy)
+        .rotate(&seed.runner_token, &system_id, policy)
         .context("rotating the runner token (the seed's copy may be dead now; if so the runner must be recreated)")?;
-    let cfg = config::build(
+    let rotated_at = std::time::Instant::now();
+    let obtained = clock::token_obtained_at(
+        rotated.server_date,
+        opts.local_clock,
+        rotated.server_date.is_none() && clock::clock_synced(paths),
+    )?;
+    let mut cfg = config::build(
         &seed,
         &rotated.token,
+        obtained.at,
         rotated.token_expires_at.as_deref(),
         ca_file,
     )?;
     config::write(&paths.config, &cfg).context("writing config.toml with the rotated token")?;
     // Committed: from here on the files stay (config.toml holds the only live token).
     created.clear();
-    info!("token rotated; config.toml written");
+    info!(
+        "token rotated; config.toml written (token_obtained_at {} from {:?})",
+        obtained.at, obtained.source
+    );
+    let expires = rotated
+        .token_expires_at
+        .as_deref()
+        .is_some_and(|e| !e.is_empty());
+    if obtained.source == clock::Source::Unknown && expires {
+        rec.step("time_sync");
+        let synced = clock::wait_for_sync(
+            opts.time_sync_wait,
+            opts.local_clock,
+            || clock::clock_synced(paths),
+            rotated_at,
+        )?;
+        if let (Some(at), Some(r)) = (synced, cfg.runners.first_mut()) {
+            r.token_obtained_at = Some(at);
+            config::write(&paths.config, &cfg)
+                .context("rewriting config.toml with the synchronised token_obtained_at")?;
+            info!("token_obtained_at set to {at} from the synchronised clock");
+        }
+    }
 
-    start(opts, rec)?;
+    start(opts, rec, &seed, &system_id)?;
     Ok((seed.runner_id, system_id, false))
 }
 
@@ -323,12 +380,37 @@ fn write_side_files(
     }
 }
 
-fn start(opts: &Options, rec: &mut status::Recorder) -> Result<()> {
+/// Starts gitlab-runner and, unless told not to, waits until its metrics show a successful job
+/// request from this runner manager.
+fn start(
+    opts: &Options,
+    rec: &mut status::Recorder,
+    seed: &AgentSeed,
+    system_id: &str,
+) -> Result<()> {
     rec.step("systemctl");
     if opts.systemctl {
         service::start_runner(opts.active_timeout).context("starting gitlab-runner")?;
     } else {
         info!("--no-systemctl: not starting {}", service::RUNNER_UNIT);
+    }
+    if let Some(timeout) = opts.runner_poll {
+        rec.step("runner_poll");
+        let url = match &opts.metrics_url {
+            Some(u) => u.clone(),
+            None => runner_poll::metrics_url(&seed.metrics_listen)?,
+        };
+        info!(
+            "waiting up to {} s for gitlab-runner's first job request ({url})",
+            timeout.as_secs()
+        );
+        runner_poll::wait_for_job_request(&url, system_id, timeout, Duration::from_millis(500))
+            .context(
+            "gitlab-runner is not polling GitLab (config.toml is kept: it holds the live token; \
+                 the next boot checks again)",
+        )?;
+    } else {
+        info!("not waiting for gitlab-runner's first job request (--no-poll-check)");
     }
     rec.end_step();
     Ok(())

@@ -36,6 +36,9 @@ pub struct Paths {
     pub runtime_dir: PathBuf,
     /// `/run/imagectl/seed`, the seed's mount point.
     pub seed_mount: PathBuf,
+    /// `/run/systemd/timesync/synchronized`: systemd-timesyncd creates it once the clock is
+    /// synchronised.
+    pub timesync_marker: PathBuf,
 }
 
 impl Paths {
@@ -55,6 +58,7 @@ impl Paths {
             textfile: r(&format!("{TEXTFILE_DIR}/imagectl.prom")),
             runtime_dir: r(RUNTIME_DIR),
             seed_mount: r(&format!("{RUNTIME_DIR}/seed")),
+            timesync_marker: r("/run/systemd/timesync/synchronized"),
         }
     }
 

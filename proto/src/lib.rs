@@ -4,9 +4,12 @@
 //! * [`AgentSeed`] is `imagectl/agent.json` on the NoCloud seed ISO. It carries the one-time runner
 //!   token, so its `Debug` output redacts it.
 //! * [`AgentStatus`] is `/var/lib/imagectl/status.json` in the VM, read through the guest agent.
+//! * [`retry`] is the retry policy both sides use for GitLab calls (`Retry-After`, back-off, budget).
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
+
+pub mod retry;
 
 /// Path of the agent configuration inside the seed ISO.
 pub const SEED_AGENT_PATH: &str = "imagectl/agent.json";
@@ -122,7 +125,8 @@ pub struct AgentSeed {
     /// gitlab-runner metrics listen address (`listen_address`).
     #[serde(default = "default_metrics_listen")]
     pub metrics_listen: String,
-    /// Total seconds the agent may spend retrying `verify` on network errors and 5xx.
+    /// Total seconds the agent may spend on one GitLab call (`verify`, then the rotation) with its
+    /// retries: network errors, 408, 429 and 5xx, jittered back-off, `Retry-After` honoured.
     #[serde(default = "default_verify_budget")]
     pub verify_budget_secs: u64,
 }

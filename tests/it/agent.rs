@@ -1,5 +1,13 @@
 //! imagectl-agent's registration logic (the library) against the GitLab fake, in a `--root`
 //! tempdir with `--seed-dir` and without systemctl.
+//!
+//! Submodules: [`backoff`] (429/503 with `Retry-After`, bursts, budgets), [`poll`] (the proof that
+//! gitlab-runner polls, with the runner double), [`token`] (`token_obtained_at` and a config.toml
+//! rewritten by gitlab-runner).
+
+mod backoff;
+mod poll;
+mod token;
 
 use imagectl_agent::{seed::SeedSource, Options, Outcome};
 use imagectl_proto::{AgentSeed, AgentState, AgentStatus, DockerExecutor, Secret};
@@ -91,7 +99,13 @@ impl Env {
             systemctl: false,
             budget: Some(Duration::from_secs(10)),
             initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_secs(30),
             active_timeout: Duration::from_secs(1),
+            // No gitlab-runner here; `poll` runs the double and turns this on.
+            runner_poll: None,
+            metrics_url: None,
+            time_sync_wait: Duration::from_secs(1),
+            local_clock: std::time::SystemTime::now,
         }
     }
 
@@ -180,18 +194,18 @@ fn happy_path_registers_rotates_and_writes_config() {
     assert_eq!(verifies.len(), 1);
     assert_eq!(verifies[0].system_id.as_deref(), Some(sid.as_str()));
     assert_eq!(verifies[0].token.as_ref(), Some(&env.runner.token));
-    assert_eq!(
-        env.gl
-            .requests_to("/runners/reset_authentication_token")
-            .len(),
-        1
-    );
-    assert!(env
+    let rotations = env.gl.requests_to("/runners/reset_authentication_token");
+    assert_eq!(rotations.len(), 1);
+    // Named, so GitLab files the rotation under this manager and not a stray `<legacy>` one.
+    assert_eq!(rotations[0].system_id.as_deref(), Some(sid.as_str()));
+    let managers: Vec<_> = env
         .gl
         .runner(env.runner.id)
         .unwrap()
         .managers
-        .contains_key(&sid));
+        .into_keys()
+        .collect();
+    assert_eq!(managers, vec![sid.clone()]);
 
     // The seed's token is dead; config.toml holds the live one.
     assert_eq!(env.verify_status(env.runner.token.expose()), 403);

@@ -40,6 +40,8 @@ fn run_agent(root: &Path, seed_dir: &Path, extra: &[&str]) -> Output {
         .arg("--seed-dir")
         .arg(seed_dir)
         .arg("--no-systemctl")
+        // No gitlab-runner here (tests/it/agent/poll.rs runs the double and checks it polls).
+        .arg("--no-poll-check")
         .args(["--retry-initial-ms", "20"])
         .args(extra)
         .output()
@@ -143,6 +145,52 @@ fn failure_exits_non_zero_without_leaking() {
 }
 
 #[test]
+fn rate_limited_beyond_the_budget_fails_fast_without_leaking() {
+    let gl = GitlabFake::start();
+    let r = gl.create_runner(NewRunnerParams::default());
+    let root = tempfile::tempdir().unwrap();
+    let seed = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("etc")).unwrap();
+    std::fs::write(
+        root.path().join("etc/machine-id"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .unwrap();
+    write_seed(seed.path(), &gl, &r.token, r.id);
+    // One 429 asking for a minute, then a 503 burst would follow: the minute does not fit in 3 s.
+    gl.fault_retry_after("POST", "/runners/verify", 429, 60, 1);
+    let t0 = std::time::Instant::now();
+    let out = run_agent(root.path(), seed.path(), &["--budget-secs", "3"]);
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("HTTP 429 (Retry-After 60 s)") && stderr.contains("asked to wait 60 s"),
+        "{stderr}"
+    );
+    assert!(!contains(&out.stderr, r.token.expose()));
+    assert!(!contains(&out.stdout, r.token.expose()));
+    for f in files_under(root.path()) {
+        assert!(
+            !contains(&std::fs::read(&f).unwrap(), r.token.expose()),
+            "token found in {}",
+            f.display()
+        );
+    }
+    assert!(!root.path().join("etc/gitlab-runner/config.toml").exists());
+    assert!(!root
+        .path()
+        .join("etc/gitlab-runner/.runner_system_id")
+        .exists());
+    assert_eq!(gl.requests_to("/runners/verify").len(), 1);
+    assert_eq!(gl.token(r.id).unwrap(), r.token, "not rotated");
+}
+
+#[test]
 fn bad_seed_is_reported() {
     let root = tempfile::tempdir().unwrap();
     let seed = tempfile::tempdir().unwrap();
@@ -197,7 +245,11 @@ fn help_documents_every_flag() {
         "--no-systemctl",
         "--budget-secs",
         "--retry-initial-ms",
+        "--retry-max-secs",
         "--active-timeout-secs",
+        "--runner-poll-timeout-secs",
+        "--no-poll-check",
+        "--time-sync-wait-secs",
         "--version",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");

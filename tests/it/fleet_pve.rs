@@ -7,6 +7,9 @@
 //! * `fleet_pve_lifecycle`: deploy 3 (spread over 3 nodes) → re-deploy is a no-op → scale
 //!   3→5→2 → replace → canary + rollout to a new image → rollback → status / targets → gc of an
 //!   orphan runner, VM and seed → destroy leaves nothing; no token anywhere.
+//! * `scopes`: a non-administrator token with `create_runner`, `manage_runner`, `read_api` runs
+//!   every command; a missing scope exits 2 before anything is made; without `read_api`,
+//!   destroy and gc finish and say what they could not check; a refused create is no leftover.
 //! * `faults`: PVE lock timeout, clone TASK ERROR, start failure, GitLab 5xx, agent `failed`,
 //!   timeout, a failed rollout, the fleet lock — each asserting 0 orphan VMs, runners and seeds.
 
@@ -24,6 +27,7 @@ use std::process::{Command, Output};
 
 mod bench;
 mod faults;
+mod scopes;
 
 /// fakepve + GitLab fake + emulated guests + a working directory.
 pub(crate) struct PveFleet {
@@ -32,15 +36,19 @@ pub(crate) struct PveFleet {
     pub guests: GuestEmulator,
     pub dir: tempfile::TempDir,
     pub outputs: Vec<u8>,
+    /// The `GITLAB_TOKEN` commands get (the fake's administrator token unless a test changes it).
+    pub token: String,
 }
 
 impl PveFleet {
     pub fn new(time_scale: f64, opts: GuestOptions) -> Self {
         let pve = FakePve::start_with(time_scale);
         let guests = GuestEmulator::start(&pve, agent_bin(), opts);
+        let gl = GitlabFake::start();
         Self {
+            token: gl.admin_token().to_string(),
             pve,
-            gl: GitlabFake::start(),
+            gl,
             guests,
             dir: tempfile::tempdir().expect("tempdir"),
             outputs: Vec::new(),
@@ -67,7 +75,7 @@ impl PveFleet {
     pub fn command(&self, args: &[&str]) -> Command {
         let mut env = self.pve.env();
         env.push(("GITLAB_URL", self.gl.url()));
-        env.push(("GITLAB_TOKEN", self.gl.admin_token().to_string()));
+        env.push(("GITLAB_TOKEN", self.token.clone()));
         env.push((
             "IMAGECTL_STATE_DIR",
             self.dir.path().join("state").display().to_string(),
@@ -152,6 +160,7 @@ impl PveFleet {
     pub fn assert_no_tokens(&self) {
         let mut tokens = vec![
             Secret::new(self.gl.admin_token()),
+            Secret::new(&self.token),
             Secret::new(self.pve.secret()),
         ];
         for r in self.gl.runners() {

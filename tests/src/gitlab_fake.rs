@@ -1,7 +1,6 @@
-//! A stateful fake of the GitLab runner API, written from `shared/reference/gitlab-runner-api.md`.
-//!
-//! It serves `/api/v4` on `127.0.0.1:<free port>` from its own thread and tokio runtime, so plain
-//! synchronous tests can use it, and stops when dropped:
+//! A stateful fake of the GitLab API a runner fleet uses. Its rules follow GitLab's own code
+//! (gitlabhq), and each names the file it comes from, in this module and in `auth.rs`,
+//! `handlers.rs` and `state.rs`:
 //!
 //! ```no_run
 //! use imagectl_tests::gitlab_fake::{GitlabFake, NewRunnerParams};
@@ -11,19 +10,36 @@
 //! assert_eq!(gl.status(r.id).as_deref(), Some("never_contacted"));
 //! ```
 //!
-//! Endpoints: `POST /user/runners` (admin), `POST /runners/verify`,
-//! `POST /runners/reset_authentication_token`, `POST /runners/:id/reset_authentication_token`
-//! (admin), `POST /jobs/request` (always 204: no jobs), `GET|PUT|DELETE /runners/:id` (admin),
-//! `DELETE /runners` (token), `DELETE /runners/managers` (token + system_id),
-//! `GET /runners/:id/jobs`, `GET /runners/:id/managers`, `GET /runners/all`, `GET /runners`
-//! (filters `type`, `paused`, `status`, `tag_list`; pagination headers), and the legacy
-//! `POST /runners` answering 410 Gone. Parameters may come as JSON, form or query.
+//! It serves `/api/v4` on `127.0.0.1:<free port>` from its own thread and tokio runtime, so plain
+//! synchronous tests can use it, and stops when dropped.
+//!
+//! * Personal access tokens with scopes and an administrator flag ([`GitlabFake::add_token`];
+//!   the built-in [`GitlabFake::admin_token`] has `api` and is an administrator): scopes per
+//!   route, `403 insufficient_scope`, `401` (`auth.rs`); `GET /personal_access_tokens/self`,
+//!   `GET /user` (`is_admin` for administrators only).
+//! * Runners: `POST /user/runners` (`create_runner`; instance runners for administrators only;
+//!   the model's validations: `maximum_timeout` ≥ 600, tags when `run_untagged` is false, ≤ 50
+//!   tags, no group/project on other types), `GET|PUT|DELETE /runners/:id`,
+//!   `POST /runners/:id/reset_authentication_token`, `GET /runners/:id/jobs` (status validated
+//!   against GitLab's 13 job statuses), `GET /runners/:id/managers`, `GET /runners/all`
+//!   (administrators), `GET /runners` (the user's own group/project runners), with filters
+//!   `type`, `paused`, `status`, `tag_list` and pagination headers.
+//! * Runner-token calls: `POST /runners/verify`, `POST /runners/reset_authentication_token` and
+//!   `POST /jobs/request` (always 204: no jobs) each heartbeat the runner and its manager
+//!   (`system_id`, or `<legacy>` when none is sent), `DELETE /runners`,
+//!   `DELETE /runners/managers`, and the legacy `POST /runners` answering 410 Gone.
+//! * Fault injection: any status (a 429 as GitLab's throttle answers it, with `Retry-After` and
+//!   `RateLimit-*`), delays and hangs ([`GitlabFake::fault`], [`GitlabFake::fault_retry_after`]).
+//!   Parameters may come as JSON, form or query.
 //!
 //! Tokens are kept in memory only: [`Runner`] and [`RequestRecord`] hold them as
 //! [`imagectl_proto::Secret`], so printing either with `{:?}` never shows one.
 
+mod auth;
 mod handlers;
 mod state;
+
+pub use auth::ApiToken;
 
 pub use state::{Fault, Job, Manager, NewRunnerParams, RequestRecord, Runner};
 
@@ -158,8 +174,13 @@ impl GitlabFake {
         lock(&self.state).stale_threshold = d;
     }
 
-    /// Expiry (RFC 3339) given to tokens created or rotated from now on.
+    /// Expiry (RFC 3339) given to tokens created or rotated from now on. Panics on text that is
+    /// not RFC 3339 (GitLab always sends ISO 8601 times, `Entities::Ci::ResetTokenResult`).
     pub fn set_token_expiry(&self, rfc3339: Option<&str>) {
+        if let Some(t) = rfc3339 {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .expect("an RFC 3339 expiry");
+        }
         lock(&self.state).token_expiry = rfc3339.map(str::to_owned);
     }
 
@@ -172,35 +193,107 @@ impl GitlabFake {
 
     /// Adds a running job to the runner; returns the job id.
     pub fn add_running_job(&self, runner_id: u64) -> u64 {
+        self.add_job_with_status(runner_id, "running")
+    }
+
+    /// Adds a job in `status` (one of GitLab's job statuses, e.g. `canceling`: still executing
+    /// its `after_script`); returns the job id. Panics on a status GitLab does not have.
+    pub fn add_job_with_status(&self, runner_id: u64, status: &str) -> u64 {
+        assert!(
+            state::JOB_STATUSES.contains(&status),
+            "GitLab has no job status {status:?}"
+        );
         let mut s = lock(&self.state);
         let id = s.next_job_id;
         s.next_job_id += 1;
         let r = s.runners.get_mut(&runner_id).expect("no such runner");
         r.jobs.push(Job {
             id,
-            status: "running".into(),
+            status: status.into(),
         });
         id
     }
 
-    /// Marks all of the runner's running jobs `success`.
+    /// Ends the runner's executing jobs: `running` → `success`, `canceling` → `canceled`.
     pub fn finish_jobs(&self, runner_id: u64) {
         if let Some(r) = lock(&self.state).runners.get_mut(&runner_id) {
-            for j in r.jobs.iter_mut().filter(|j| j.status == "running") {
-                j.status = "success".into();
+            for j in r.jobs.iter_mut() {
+                match j.status.as_str() {
+                    "running" => j.status = "success".into(),
+                    "canceling" => j.status = "canceled".into(),
+                    _ => {}
+                }
             }
+        }
+    }
+
+    /// Adds a personal access token of `user` with `scopes`; `admin`: the user is an
+    /// administrator. Returns the token text (for `PRIVATE-TOKEN`).
+    pub fn add_token(&self, user: &str, scopes: &[&str], admin: bool) -> String {
+        for sc in scopes {
+            assert!(auth::ALL_SCOPES.contains(sc), "GitLab has no scope {sc:?}");
+        }
+        let text = state::new_pat();
+        let mut s = lock(&self.state);
+        let id = s.tokens.len() as u64 + 1;
+        s.tokens.insert(
+            text.clone(),
+            ApiToken {
+                id,
+                name: format!("{user}-{id}"),
+                user: user.into(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                admin,
+                active: true,
+            },
+        );
+        text
+    }
+
+    /// Revokes a token added with [`add_token`](Self::add_token) (or the admin's).
+    pub fn revoke_token(&self, text: &str) {
+        if let Some(t) = lock(&self.state).tokens.get_mut(text) {
+            t.active = false;
         }
     }
 
     /// The next `times` requests with `method` (`*` = any) whose path starts with `path_prefix`
     /// (`/api/v4` may be left out) are answered with `status` and a JSON message.
     pub fn fault(&self, method: &str, path_prefix: &str, status: u16, times: u32) {
-        self.push_fault(method, path_prefix, Some(status), Duration::ZERO, times);
+        self.push_fault(
+            method,
+            path_prefix,
+            Some(status),
+            Duration::ZERO,
+            None,
+            times,
+        );
+    }
+
+    /// Like [`fault`](Self::fault), with a `Retry-After: secs` header. A 429 is answered as
+    /// GitLab's throttle answers it (`lib/gitlab/rack_attack.rb`, `throttled_responder`):
+    /// `text/plain` "Retry later" with `Retry-After` and the `RateLimit-*` headers.
+    pub fn fault_retry_after(
+        &self,
+        method: &str,
+        path_prefix: &str,
+        status: u16,
+        secs: u64,
+        times: u32,
+    ) {
+        self.push_fault(
+            method,
+            path_prefix,
+            Some(status),
+            Duration::ZERO,
+            Some(secs),
+            times,
+        );
     }
 
     /// The next `times` matching requests wait `delay` before being handled normally.
     pub fn delay(&self, method: &str, path_prefix: &str, delay: Duration, times: u32) {
-        self.push_fault(method, path_prefix, None, delay, times);
+        self.push_fault(method, path_prefix, None, delay, None, times);
     }
 
     /// The next `times` matching requests never get an answer (until the fake is dropped).
@@ -210,6 +303,7 @@ impl GitlabFake {
             path_prefix,
             None,
             Duration::from_secs(24 * 3600),
+            None,
             times,
         );
     }
@@ -225,6 +319,7 @@ impl GitlabFake {
         path_prefix: &str,
         status: Option<u16>,
         delay: Duration,
+        retry_after: Option<u64>,
         times: u32,
     ) {
         let prefix = if path_prefix.starts_with("/api/v4") {
@@ -237,6 +332,7 @@ impl GitlabFake {
             path_prefix: prefix,
             status,
             delay,
+            retry_after,
             remaining: times,
         });
     }
@@ -271,5 +367,7 @@ impl Drop for GitlabFake {
     }
 }
 
+#[cfg(test)]
+mod rules_tests;
 #[cfg(test)]
 mod tests;

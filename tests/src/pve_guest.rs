@@ -21,10 +21,12 @@
 //! 5. `<root>/var/lib/imagectl/status.json` is published as the guest agent's file
 //!    [`imagectl_proto::STATUS_PATH`] whenever it changes (so `running` shows before
 //!    `registered`/`failed`);
-//! 6. once `registered`, it polls `POST {url}/api/v4/jobs/request` every
-//!    [`GuestOptions::job_poll_interval`] with the rotated token from
-//!    `<root>/etc/gitlab-runner/config.toml`, as gitlab-runner does, while the VM exists and runs,
-//!    so the GitLab fake shows the runner `online`.
+//! 6. an emulated gitlab-runner ([`runner`]) starts with the boot: once the agent has written
+//!    `<root>/etc/gitlab-runner/config.toml` it polls `POST {url}/api/v4/jobs/request` every
+//!    [`GuestOptions::job_poll_interval`] with the token from that file and the manager's
+//!    `system_id`, as gitlab-runner does, while the VM exists and runs, and serves gitlab-runner's
+//!    API request counter on a loopback port of its own, which the agent reads
+//!    (`--runner-metrics-url`) before it reports `registered`.
 //!
 //! A VM that is stopped loses its guest agent; started again it "reboots" with the same root (the
 //! agent finds its `registered` marker and exits 0, polling resumes). A VM that disappears is
@@ -57,8 +59,10 @@
 //! # let _ = runs;
 //! ```
 
+mod runner;
+
 use crate::fakepve::{FakePve, PveControl, State, Vm};
-use imagectl_proto::{AgentState, AgentStatus, Secret, STATUS_PATH};
+use imagectl_proto::{AgentState, AgentStatus, STATUS_PATH};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
@@ -609,15 +613,34 @@ impl Boot {
             self.record(None, None);
             return;
         }
+        let emu = {
+            let shared = self.shared.clone();
+            let (vmid, name) = (self.vmid, self.name.clone());
+            runner::EmulatedRunner::start(
+                self.root(),
+                self.opts.job_poll_interval,
+                self.up.clone(),
+                move |m| shared.say(vmid, &name, m),
+            )
+        };
+        let emu = match emu {
+            Ok(e) => e,
+            Err(e) => {
+                self.say(format!("cannot start the emulated gitlab-runner: {e}"));
+                self.record(None, None);
+                return;
+            }
+        };
         let seed = self.dir.join(format!("seed-{}", self.boot));
         let _ = std::fs::remove_dir_all(&seed);
         self.extract_seed(&seed);
-        let outcome = self.run_agent(&seed);
+        let outcome = self.run_agent(&seed, &emu.metrics_url);
         // The extracted seed holds the one-time token: do not keep it around.
         make_writable(&seed);
         let _ = std::fs::remove_dir_all(&seed);
         let Some(code) = outcome else {
             self.record(None, None);
+            emu.join();
             return;
         };
         let status: Option<AgentStatus> = std::fs::read(self.status_file())
@@ -629,9 +652,15 @@ impl Boot {
             state.map_or("missing".to_owned(), |s| format!("{s:?}").to_lowercase())
         ));
         let idx = self.record(code, state);
-        if state == Some(AgentState::Registered) {
-            self.poll_jobs(idx, status.and_then(|s| s.system_id));
+        // gitlab-runner keeps polling while the VM runs (whatever the agent reported).
+        while self
+            .shared
+            .sleep_while(&self.up, Duration::from_millis(100))
+        {
+            lock(&self.shared.runs)[idx].job_requests = emu.job_requests.load(Ordering::SeqCst);
         }
+        lock(&self.shared.runs)[idx].job_requests = emu.job_requests.load(Ordering::SeqCst);
+        emu.join();
     }
 
     /// Extracts the seed ISO into `seed` (left empty if there is none or it cannot be read: the
@@ -668,7 +697,7 @@ impl Boot {
 
     /// Runs imagectl-agent, publishing its status as it changes; `None` if it did not run to the
     /// end (could not start; killed because the VM went away or the emulator stopped).
-    fn run_agent(&self, seed: &Path) -> Option<Option<i32>> {
+    fn run_agent(&self, seed: &Path, metrics_url: &str) -> Option<Option<i32>> {
         let log_path = self.dir.join(format!("agent-{}.log", self.boot));
         let out = File::create(&log_path).and_then(|f| Ok((f.try_clone()?, f)));
         let (stdout, stderr) = match out {
@@ -684,6 +713,8 @@ impl Boot {
             .arg("--seed-dir")
             .arg(seed)
             .arg("--no-systemctl")
+            .arg("--runner-metrics-url")
+            .arg(metrics_url)
             .args(&self.opts.agent_args)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -724,69 +755,6 @@ impl Boot {
         let _ = std::fs::remove_file(&log_path);
         self.publish(&mut last);
         code
-    }
-
-    /// The emulated gitlab-runner: asks for jobs with the rotated token until the VM stops.
-    fn poll_jobs(&self, idx: usize, system_id: Option<String>) {
-        let config = self.root().join("etc/gitlab-runner/config.toml");
-        let parsed = std::fs::read_to_string(&config)
-            .ok()
-            .and_then(|t| toml::from_str::<toml::Value>(&t).ok());
-        let runner = parsed
-            .as_ref()
-            .and_then(|v| v.get("runners")?.as_array()?.first().cloned());
-        let (Some(url), Some(token)) = (
-            runner
-                .as_ref()
-                .and_then(|r| r.get("url")?.as_str().map(str::to_owned)),
-            runner
-                .as_ref()
-                .and_then(|r| r.get("token")?.as_str().map(Secret::new)),
-        ) else {
-            // Never quote the file: it holds the token.
-            self.say(format!("{} has no runner url/token", config.display()));
-            return;
-        };
-        let endpoint = format!("{}/api/v4/jobs/request", url.trim_end_matches('/'));
-        let http = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(5)))
-            .build()
-            .new_agent();
-        self.say(format!("gitlab-runner polls {endpoint}"));
-        let mut last_problem = String::new();
-        loop {
-            let body = json!({
-                "token": token.expose(),
-                "system_id": system_id,
-                "info": {"name": "gitlab-runner", "version": "17.0.0~imagectl-pve-guest",
-                         "executor": "docker", "features": {}},
-                "last_update": "",
-            });
-            let problem = match http.post(&endpoint).send_json(&body) {
-                Ok(r) if r.status().as_u16() == 204 => {
-                    lock(&self.shared.runs)[idx].job_requests += 1;
-                    String::new()
-                }
-                Ok(r) => format!("jobs/request answered HTTP {}", r.status().as_u16()),
-                Err(e) => format!("jobs/request failed: {e}"),
-            };
-            if problem != last_problem {
-                if problem.is_empty() {
-                    self.say("jobs/request answered 204 again");
-                } else {
-                    self.say(&problem);
-                }
-                last_problem = problem;
-            }
-            if !self
-                .shared
-                .sleep_while(&self.up, self.opts.job_poll_interval)
-            {
-                break;
-            }
-        }
-        self.say("gitlab-runner stopped polling");
     }
 }
 

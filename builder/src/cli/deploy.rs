@@ -4,6 +4,7 @@
 //! failure is rolled back and listed with what was cleaned), 2 for bad input.
 
 use super::Global;
+use crate::fleet::preflight::Command;
 use crate::fleet::setup::{runtime, setup, FleetArgs, TuneArgs};
 use anyhow::Result;
 
@@ -34,6 +35,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
     let (s, choice) = setup(&a.fleet, &a.tune, true, a.image.as_deref())?;
     let count = a.count.or(s.file.fleet.count);
     let report = runtime()?.block_on(async {
+        s.preflight(Command::Deploy).await?;
         let mut f = s.fleet(g.quiet)?;
         crate::fleet::deploy(&mut f, count, &choice, a.canary).await
     })?;

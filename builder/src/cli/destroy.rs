@@ -2,6 +2,7 @@
 //! any orphan runner or seed of the fleet.
 
 use super::Global;
+use crate::fleet::preflight::Command;
 use crate::fleet::setup::{runtime, setup, FleetArgs, TuneArgs};
 use anyhow::Result;
 
@@ -20,6 +21,7 @@ pub struct Args {
 pub fn run(g: &Global, a: Args) -> Result<i32> {
     let (s, _) = setup(&a.fleet, &a.tune, true, None)?;
     let report = runtime()?.block_on(async {
+        s.preflight(Command::Destroy).await?;
         let mut f = s.fleet(g.quiet)?;
         crate::fleet::destroy(&mut f).await
     })?;

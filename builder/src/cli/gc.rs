@@ -117,6 +117,7 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<i32> {
     };
     match &s.gitlab {
         Some((gitlab, _)) => {
+            rt.block_on(s.preflight(crate::fleet::preflight::Command::Gc))?;
             let r = rt.block_on(crate::fleet::gc_orphans(
                 &s.provider,
                 gitlab,
@@ -211,6 +212,9 @@ fn text(r: &Report) -> String {
             }
             for f in &o.failed {
                 s.push_str(&format!("failed: {}: {}\n", f.vm, f.error));
+            }
+            for u in &o.unchecked {
+                s.push_str(&format!("not checked: {u}\n"));
             }
             if o.runners_deleted.is_empty()
                 && o.vms_destroyed.is_empty()

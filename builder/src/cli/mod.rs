@@ -100,18 +100,37 @@ enum Command {
     /// List image versions on the Proxmox cluster and how many VMs use each.
     Images(images::Args),
     /// Delete old templates that no VM uses (and, for fleets, orphans).
+    ///
+    /// GitLab token scopes: manage_runner (or api); read_api (or api) to list runners and find
+    /// orphans; without it gc does the rest and says what it could not check.
     Gc(gc::Args),
     /// Reconcile a fleet to N healthy runner VMs of an image.
+    ///
+    /// GitLab token scopes: create_runner and manage_runner (or api); read_api to find a runner
+    /// whose create answer was lost. Checked before anything is made (exit 2 when missing).
     Deploy(deploy::Args),
     /// Show every VM of a fleet: image, runner, GitLab status, agent state, health.
+    ///
+    /// GitLab token scopes: manage_runner or read_api (or api).
     Status(status::Args),
     /// Replace VMs one for one, draining their runners first.
+    ///
+    /// GitLab token scopes: create_runner and manage_runner (or api); read_api to find a runner
+    /// whose create answer was lost.
     Replace(replace::Args),
     /// Replace every VM not on the previous (or a given) image version.
+    ///
+    /// GitLab token scopes: create_runner and manage_runner (or api); read_api to find a runner
+    /// whose create answer was lost.
     Rollback(rollback::Args),
     /// Drain and delete a fleet: runners, VMs and seeds.
+    ///
+    /// GitLab token scopes: manage_runner (or api); read_api (or api) to find orphan runners;
+    /// without it destroy does the rest and says what it could not check.
     Destroy(destroy::Args),
     /// Print Prometheus file_sd targets for a fleet.
+    ///
+    /// Needs no GitLab token.
     Targets(targets::Args),
     /// Print a shell completion script.
     Completions(completions::Args),

@@ -2,6 +2,7 @@
 //! drained (paused, running jobs finished, runner deleted, VM destroyed).
 
 use super::Global;
+use crate::fleet::preflight::Command;
 use crate::fleet::setup::{runtime, setup, FleetArgs, TuneArgs};
 use anyhow::Result;
 
@@ -26,6 +27,7 @@ pub struct Args {
 pub fn run(g: &Global, a: Args) -> Result<i32> {
     let (s, _) = setup(&a.fleet, &a.tune, true, None)?;
     let report = runtime()?.block_on(async {
+        s.preflight(Command::Replace).await?;
         let mut f = s.fleet(g.quiet)?;
         crate::fleet::replace(&mut f, &a.vms, a.image.as_deref()).await
     })?;

@@ -2,6 +2,7 @@
 //! rolling: a failed new VM aborts the rollout and leaves the old VMs serving.
 
 use super::Global;
+use crate::fleet::preflight::Command;
 use crate::fleet::setup::{runtime, setup, FleetArgs, TuneArgs};
 use anyhow::Result;
 
@@ -23,6 +24,7 @@ pub struct Args {
 pub fn run(g: &Global, a: Args) -> Result<i32> {
     let (s, _) = setup(&a.fleet, &a.tune, true, None)?;
     let report = runtime()?.block_on(async {
+        s.preflight(Command::Rollback).await?;
         let mut f = s.fleet(g.quiet)?;
         crate::fleet::rollback(&mut f, a.to.as_deref()).await
     })?;

@@ -69,7 +69,11 @@ fn table(o: &Out) -> String {
 pub fn run(g: &Global, a: Args) -> Result<i32> {
     let (s, _) = setup(&a.fleet, &TuneArgs::default(), false, None)?;
     let gitlab = s.gitlab.as_ref().map(|(c, _)| c);
-    let vms = runtime()?.block_on(crate::fleet::status(&s.provider, gitlab, &a.fleet.fleet))?;
+    let vms = runtime()?.block_on(async {
+        s.preflight(crate::fleet::preflight::Command::Status)
+            .await?;
+        crate::fleet::status(&s.provider, gitlab, &a.fleet.fleet).await
+    })?;
     let out = Out {
         fleet: a.fleet.fleet.clone(),
         healthy: vms.iter().all(healthy),

@@ -107,8 +107,17 @@ async fn steps<P: Provider>(
                 &image.version,
             )),
         })
-        .await
-        .context("creating the runner")?;
+        .await;
+    let runner = match runner {
+        Ok(r) => r,
+        Err(e) => {
+            if e.made_nothing() {
+                // GitLab answered and refused (4xx): no runner exists to look for.
+                made.runner_unconfirmed = None;
+            }
+            return Err(e).context("creating the runner");
+        }
+    };
     made.runner = Some(runner.id);
     made.runner_unconfirmed = None;
     f.cancel.check()?;
@@ -127,7 +136,9 @@ async fn steps<P: Provider>(
         tags: gl.tags.clone(),
         docker: gl.docker.clone(),
         metrics_listen: ":9252".into(),
-        verify_budget_secs: f.opts.timeout.as_secs().clamp(30, 600),
+        // The agent may spend this on verify and again on the rotation, then up to 120 s waiting
+        // for gitlab-runner's first job request: all of it must fit in the deploy's timeout.
+        verify_budget_secs: (f.opts.timeout.as_secs().saturating_sub(150) / 2).clamp(30, 600),
     });
     let seed_path = f.seed_dir.join(format!("{name}.iso"));
     made.seed_file = Some(seed_path.clone());
@@ -274,6 +285,10 @@ pub async fn rollback<P: Provider>(f: &Fleet<'_, P>, made: &Made) -> (Vec<String
     }
     if let (None, Some(desc)) = (made.runner, &made.runner_unconfirmed) {
         // The create call failed, but may have created a runner: find it by its description.
+        if let Some(why) = super::preflight::listing_refused(f.gitlab) {
+            left.push(format!("maybe a runner {desc:?} (could not check: {why})"));
+            return (cleaned, left);
+        }
         let found = retry(|| async {
             Ok(f.gitlab
                 .runners_with_prefix(desc)

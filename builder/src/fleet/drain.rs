@@ -1,5 +1,7 @@
 //! Taking one VM down without killing jobs: pause its runner (`paused=true`), wait until
-//! `GET /runners/:id/jobs?status=running` is empty, delete the runner, stop the VM, destroy it.
+//! it has no executing job (`running` or `canceling`, gitlabhq `app/models/concerns/ci/has_status.rb`
+//! `EXECUTING_STATUSES`: a canceling job still runs its `after_script`), delete the runner, stop
+//! the VM, destroy it.
 //!
 //! When jobs are still running after the drain timeout: with `--force` the VM goes anyway (the
 //! jobs fail); without it the VM is left running with its runner paused (it picks no new jobs)
@@ -50,13 +52,13 @@ async fn steps<P: Provider>(f: &Fleet<'_, P>, vm: &VmInfo, graceful: bool) -> Re
         }
         let deadline = Instant::now() + f.opts.drain_timeout;
         while runner_exists {
-            let jobs = match f.gitlab.running_jobs(id).await {
+            let jobs = match f.gitlab.executing_jobs(id).await {
                 Ok(j) => j,
                 Err(e) if e.is_not_found() => {
                     runner_exists = false;
                     continue;
                 }
-                Err(e) => return Err(e).context("listing running jobs"),
+                Err(e) => return Err(e).context("listing the runner's executing jobs"),
             };
             if jobs.is_empty() {
                 break;
@@ -66,14 +68,14 @@ async fn steps<P: Provider>(f: &Fleet<'_, P>, vm: &VmInfo, graceful: bool) -> Re
                     f.progress.event(
                         &vm.name,
                         &format!(
-                            "{} job(s) still running; --force: deleting anyway",
+                            "{} job(s) still executing; --force: deleting anyway",
                             jobs.len()
                         ),
                     );
                     break;
                 }
                 bail!(
-                    "{} job(s) still running on runner {id} after {}s; left running with the runner \
+                    "{} job(s) still executing on runner {id} after {}s; left running with the runner \
                      paused (run again later, or pass --force to cut them off)",
                     jobs.len(),
                     f.opts.drain_timeout.as_secs()
@@ -81,7 +83,7 @@ async fn steps<P: Provider>(f: &Fleet<'_, P>, vm: &VmInfo, graceful: bool) -> Re
             }
             f.progress.event(
                 &vm.name,
-                &format!("draining: {} job(s) running", jobs.len()),
+                &format!("draining: {} job(s) executing", jobs.len()),
             );
             if let Err(e) = f.cancel.sleep(f.opts.poll).await {
                 return Err(e).context("interrupted while draining; the runner is left paused");

@@ -14,7 +14,7 @@
 use super::create::note_scope;
 use super::{runner_prefix, Failure, Fleet};
 use crate::provider::Provider;
-use crate::remote::gitlab::GitlabClient;
+use crate::remote::gitlab::{GitlabClient, RunnerInfo};
 use anyhow::Result;
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -36,6 +36,8 @@ pub struct GcReport {
     pub skipped: Vec<String>,
     /// What could not be removed.
     pub failed: Vec<Failure>,
+    /// What could not be checked (GitLab refused a listing), and which scope would allow it.
+    pub unchecked: Vec<String>,
     /// Nothing was changed.
     pub dry_run: bool,
 }
@@ -48,6 +50,30 @@ impl GcReport {
         self.seeds_deleted.extend(o.seeds_deleted);
         self.skipped.extend(o.skipped);
         self.failed.extend(o.failed);
+        for u in o.unchecked {
+            if !self.unchecked.contains(&u) {
+                self.unchecked.push(u);
+            }
+        }
+    }
+}
+
+/// Runners whose description starts with `prefix`, or why they could not be listed: the token
+/// has no `read_api`/`api` scope (known from the preflight) or GitLab answered 403. Any other
+/// failure is an error.
+pub(super) async fn listed(
+    gitlab: &GitlabClient,
+    prefix: &str,
+) -> Result<std::result::Result<Vec<RunnerInfo>, String>> {
+    if let Some(why) = super::preflight::listing_refused(gitlab) {
+        return Ok(Err(why));
+    }
+    match gitlab.runners_with_prefix(prefix).await {
+        Ok(list) => Ok(Ok(list)),
+        Err(e) if e.status() == Some(403) => Ok(Err(format!(
+            "GitLab refused to list runners ({e}); a token with read_api (or api) can"
+        ))),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -76,7 +102,15 @@ async fn gc_one<P: Provider>(
     let vms = p.list(Some(fleet)).await?;
     let known: BTreeSet<u64> = vms.iter().map(|v| v.runner_id).collect();
     let scope = p.scope();
-    for r in gitlab.runners_with_prefix(&runner_prefix(fleet)).await? {
+    let runners = match listed(gitlab, &runner_prefix(fleet)).await? {
+        Ok(list) => list,
+        Err(why) => {
+            rep.unchecked
+                .push(format!("orphan runners of fleet {fleet}: {why}"));
+            Vec::new()
+        }
+    };
+    for r in runners {
         if known.contains(&r.id) {
             continue;
         }
@@ -184,12 +218,20 @@ pub async fn gc_orphans<P: Provider>(
     seed_dir: Option<&Path>,
     dry_run: bool,
 ) -> Result<GcReport> {
+    let mut unchecked = Vec::new();
     let fleets: BTreeSet<String> = match fleet {
         Some(f) => [f.to_string()].into(),
         None => {
             let mut s: BTreeSet<String> =
                 p.list(None).await?.into_iter().map(|v| v.fleet).collect();
-            for r in gitlab.runners_with_prefix("imagectl/").await? {
+            let runners = match listed(gitlab, "imagectl/").await? {
+                Ok(list) => list,
+                Err(why) => {
+                    unchecked.push(format!("fleets that have runners but no VM here: {why}"));
+                    Vec::new()
+                }
+            };
+            for r in runners {
                 if let Some(f) = r
                     .description
                     .as_deref()
@@ -206,6 +248,7 @@ pub async fn gc_orphans<P: Provider>(
     };
     let mut rep = GcReport {
         dry_run,
+        unchecked,
         ..Default::default()
     };
     for f in fleets {

@@ -16,6 +16,7 @@ pub mod drain;
 pub mod gc;
 pub mod ops;
 pub mod plan;
+pub mod preflight;
 pub mod settings;
 pub mod setup;
 pub mod status;
@@ -118,6 +119,8 @@ pub struct Report {
     pub failed: Vec<Failure>,
     /// Set when a rollout stopped early (the old VMs keep serving).
     pub aborted: Option<String>,
+    /// What could not be checked (a listing GitLab refused), with the scope that would allow it.
+    pub unchecked: Vec<String>,
 }
 
 impl Report {
@@ -169,6 +172,9 @@ impl Report {
         }
         if let Some(a) = &self.aborted {
             let _ = writeln!(s, "  rollout aborted: {a}");
+        }
+        for u in &self.unchecked {
+            let _ = writeln!(s, "  not checked: {u}");
         }
         s
     }

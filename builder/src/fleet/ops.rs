@@ -480,6 +480,7 @@ pub async fn destroy<P: Provider>(f: &mut Fleet<'_, P>) -> Result<Report> {
             report.removed.push(format!("orphan seed {s}"));
         }
         report.failed.extend(gc.failed);
+        report.unchecked.extend(gc.unchecked);
         Ok(report)
     }
     .await;

@@ -2,7 +2,7 @@
 //!
 //! The file is found the way [`crate::config::locate`] finds it (`--config`, `$IMAGECTL_CONFIG`,
 //! `./imagectl.toml`, `$XDG_CONFIG_HOME/imagectl/imagectl.toml`). Environment: `GITLAB_URL`,
-//! `GITLAB_TOKEN` (scopes `create_runner` + `manage_runner`), `IMAGECTL_STATE_DIR`.
+//! `GITLAB_TOKEN` (scopes `create_runner`, `manage_runner`, `read_api`), `IMAGECTL_STATE_DIR`.
 //!
 //! ```toml
 //! [gitlab]
@@ -17,6 +17,7 @@
 //! maximum_timeout = 3600
 //! ca_file = "/etc/ssl/certs/corp-ca.pem"      # trusted by imagectl and by the agent
 //! concurrent = 2                              # gitlab-runner `concurrent`
+//! retry_budget = 120                          # seconds one GitLab call may spend retrying
 //! [gitlab.docker]                             # [runners.docker] of every VM
 //! image = "debian:bookworm"
 //! privileged = false
@@ -84,6 +85,8 @@ pub struct GitlabSection {
     pub concurrent: Option<u32>,
     /// `[runners.docker]` settings.
     pub docker: Option<DockerExecutor>,
+    /// Seconds one GitLab call may spend on retries (back-off and `Retry-After` waits).
+    pub retry_budget: Option<u64>,
 }
 
 /// `[fleet.NAME]` in the settings file.
@@ -196,6 +199,8 @@ pub struct GitlabSettings {
     pub concurrent: u32,
     /// Docker executor settings.
     pub docker: DockerExecutor,
+    /// Time one GitLab call may spend on retries.
+    pub retry_budget: std::time::Duration,
 }
 
 /// GitLab flags the fleet commands share.
@@ -204,7 +209,7 @@ pub struct GitlabFlags {
     /// GitLab base URL, e.g. https://gitlab.example.com (env GITLAB_URL; [gitlab] url).
     #[arg(long, value_name = "URL")]
     pub gitlab_url: Option<String>,
-    /// File holding the GitLab token with scopes create_runner + manage_runner (env GITLAB_TOKEN holds the token itself).
+    /// File holding the GitLab token: scopes create_runner, manage_runner and read_api; each command's --help says what it needs (env GITLAB_TOKEN holds the token itself).
     #[arg(long, value_name = "FILE")]
     pub gitlab_token_file: Option<PathBuf>,
     /// Runner type: instance_type, group_type or project_type (default instance_type).
@@ -219,6 +224,10 @@ pub struct GitlabFlags {
     /// Runner tag (repeatable; replaces the file's tags).
     #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
+    /// Seconds one GitLab call may spend retrying 408/429/5xx and transport errors, with
+    /// jittered back-off and honouring Retry-After (default 120; [gitlab] retry_budget).
+    #[arg(long, value_name = "SECS")]
+    pub gitlab_retry_budget: Option<u64>,
 }
 
 fn read_secret_file(p: &Path) -> Result<Secret> {
@@ -267,7 +276,7 @@ pub fn resolve_gitlab(
         t
     } else {
         return Err(input(format!(
-            "no GitLab token: set GITLAB_TOKEN (scopes create_runner, manage_runner), pass \
+            "no GitLab token: set GITLAB_TOKEN (scopes create_runner, manage_runner, read_api), pass \
              --gitlab-token-file FILE, or set [gitlab] token_file in imagectl.toml ({source})"
         )));
     };
@@ -314,6 +323,23 @@ pub fn resolve_gitlab(
     } else {
         flags.tags.clone()
     };
+    let run_untagged = g.run_untagged.unwrap_or(tags.is_empty());
+    check_runner_params(
+        &runner_type,
+        group_id.or(project_id).is_some(),
+        &tags,
+        run_untagged,
+        g.maximum_timeout,
+    )?;
+    let retry_budget = match flags.gitlab_retry_budget.or(g.retry_budget) {
+        None => std::time::Duration::from_secs(120),
+        Some(s @ 1..=86_400) => std::time::Duration::from_secs(s),
+        Some(s) => {
+            return Err(input(format!(
+                "GitLab retry budget {s}: use 1 to 86400 seconds (--gitlab-retry-budget, [gitlab] retry_budget)"
+            )))
+        }
+    };
     let ca_pem = match &g.ca_file {
         Some(p) => Some(
             fs_err::read_to_string(p)
@@ -324,7 +350,7 @@ pub fn resolve_gitlab(
     Ok(GitlabSettings {
         url,
         token,
-        run_untagged: g.run_untagged.unwrap_or(tags.is_empty()),
+        run_untagged,
         runner_type,
         group_id,
         project_id,
@@ -335,7 +361,54 @@ pub fn resolve_gitlab(
         ca_pem,
         concurrent: g.concurrent.unwrap_or(1).max(1),
         docker: g.docker.clone().unwrap_or_default(),
+        retry_budget,
     })
+}
+
+/// The runner's own rules, checked as GitLab checks them (gitlabhq `app/models/ci/runner.rb`)
+/// before any call, so a bad setting exits 2 instead of failing every create:
+/// `maximum_timeout` ≥ 600 ("needs to be at least 10 minutes"), no empty tag list when
+/// `run_untagged` is false (`tag_constraints`), at most 50 tags (`TAG_LIST_MAX_LENGTH`), and
+/// no group or project for an instance runner (`no_groups`, `no_projects`).
+pub fn check_runner_params(
+    runner_type: &str,
+    has_scope_id: bool,
+    tags: &[String],
+    run_untagged: bool,
+    maximum_timeout: Option<u64>,
+) -> Result<()> {
+    if let Some(t) = maximum_timeout.filter(|t| *t < 600) {
+        return Err(input(format!(
+            "[gitlab] maximum_timeout = {t}: GitLab needs at least 600 seconds (10 minutes)"
+        )));
+    }
+    if !run_untagged && tags.is_empty() {
+        return Err(input(
+            "[gitlab] run_untagged = false needs at least one tag (--tag or [gitlab] tags): GitLab \
+             refuses a runner that can pick no job",
+        ));
+    }
+    if tags.len() > 50 {
+        return Err(input(format!(
+            "{} runner tags: GitLab allows at most 50",
+            tags.len()
+        )));
+    }
+    if let Some(t) = tags
+        .iter()
+        .find(|t| t.trim().is_empty() || t.contains(',') || t.chars().count() > 255)
+    {
+        return Err(input(format!(
+            "runner tag {t:?}: tags are 1 to 255 characters without commas"
+        )));
+    }
+    if runner_type == "instance_type" && has_scope_id {
+        return Err(input(
+            "instance_type runners take no --group-id or --project-id (GitLab assigns an instance \
+             runner to no group or project); use group_type or project_type",
+        ));
+    }
+    Ok(())
 }
 
 /// How the fleet commands behave (the provider-neutral part).
@@ -500,5 +573,51 @@ mod tests {
             assert!(validate_fleet_name(bad).is_err(), "{bad}");
         }
         validate_fleet_name("ci-2").unwrap();
+    }
+
+    #[test]
+    fn runner_params_are_checked_as_gitlab_checks_them() {
+        let tags = vec!["docker".to_string()];
+        check_runner_params("group_type", true, &tags, false, Some(600)).unwrap();
+        check_runner_params("instance_type", false, &[], true, None).unwrap();
+        let err = |r: Result<()>| {
+            let e = r.unwrap_err();
+            assert_eq!(crate::error::exit_code(&e), 2);
+            e.to_string()
+        };
+        assert!(err(check_runner_params(
+            "instance_type",
+            false,
+            &tags,
+            true,
+            Some(599)
+        ))
+        .contains("600"));
+        assert!(err(check_runner_params(
+            "instance_type",
+            false,
+            &[],
+            false,
+            None
+        ))
+        .contains("at least one tag"));
+        assert!(err(check_runner_params(
+            "instance_type",
+            true,
+            &tags,
+            true,
+            None
+        ))
+        .contains("--group-id"));
+        let many: Vec<String> = (0..51).map(|i| format!("t{i}")).collect();
+        assert!(err(check_runner_params("group_type", true, &many, true, None)).contains("50"));
+        assert!(err(check_runner_params(
+            "group_type",
+            true,
+            &["a,b".into()],
+            true,
+            None
+        ))
+        .contains("commas"));
     }
 }

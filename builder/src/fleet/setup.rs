@@ -319,6 +319,24 @@ fn resolve(
 }
 
 impl Setup {
+    /// The GitLab token preflight for `cmd` ([`super::preflight`]), when GitLab is configured:
+    /// exits 2 before anything is made when a needed scope is missing; warns about optional ones.
+    pub async fn preflight(&self, cmd: super::preflight::Command) -> Result<()> {
+        if let Some((gitlab, _)) = &self.gitlab {
+            let p = super::preflight::check(gitlab, cmd).await?;
+            for w in &p.warnings {
+                eprintln!("warning: {w}");
+            }
+            tracing::debug!(
+                "GitLab token {:?}: scopes {}, administrator: {}",
+                p.token.name,
+                p.token.scope_list(),
+                p.admin
+            );
+        }
+        Ok(())
+    }
+
     /// A [`Fleet`] over the chosen provider, with Ctrl-C handling installed (call inside the
     /// runtime).
     pub fn fleet(&self, quiet: bool) -> Result<Fleet<'_, AnyProvider>> {

@@ -1,10 +1,11 @@
 //! The GitLab fake's HTTP surface (axum 0.8): routes under `/api/v4`, parameter parsing (JSON,
 //! form and query, as GitLab's Grape API accepts), the request log and fault injection.
 
-use super::state::{iso, NewRunnerParams, RequestRecord, State};
+use super::auth::{authorize, ApiToken, Class, Refusal};
+use super::state::{iso, Manager, NewRunnerParams, RequestRecord, Runner, State};
 use axum::body::Body;
 use axum::extract::{Extension, Path, Request, State as Ax};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -12,7 +13,7 @@ use axum::{Json, Router};
 use imagectl_proto::Secret;
 use serde_json::{json, Map, Value};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The state shared by all handlers.
 pub type Shared = Arc<Mutex<State>>;
@@ -26,6 +27,8 @@ pub fn lock(s: &Shared) -> MutexGuard<'_, State> {
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/api/v4/user/runners", post(create_runner))
+        .route("/api/v4/user", get(current_user))
+        .route("/api/v4/personal_access_tokens/self", get(token_self))
         .route("/api/v4/runners/verify", post(verify))
         .route(
             "/api/v4/runners/reset_authentication_token",
@@ -36,7 +39,7 @@ pub fn router(state: Shared) -> Router {
             post(admin_reset_token),
         )
         .route("/api/v4/jobs/request", post(job_request))
-        .route("/api/v4/runners/all", get(list_runners))
+        .route("/api/v4/runners/all", get(list_all_runners))
         .route("/api/v4/runners/managers", delete(delete_manager))
         .route(
             "/api/v4/runners",
@@ -163,30 +166,42 @@ pub fn parse_form(text: &str, into: &mut Map<String, Value>) {
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    key: &'static str,
-    text: String,
+    body: Value,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = Map::new();
-        body.insert(self.key.to_owned(), Value::String(self.text));
-        (self.status, Json(Value::Object(body))).into_response()
+        (self.status, Json(self.body)).into_response()
     }
 }
 
 fn msg(status: StatusCode, text: &str) -> ApiError {
     ApiError {
         status,
-        key: "message",
-        text: text.to_owned(),
+        body: json!({ "message": text }),
     }
 }
 fn param_error(text: &str) -> ApiError {
     ApiError {
         status: StatusCode::BAD_REQUEST,
-        key: "error",
-        text: text.to_owned(),
+        body: json!({ "error": text }),
+    }
+}
+/// `403 Forbidden - <why>` (`lib/api/helpers.rb`, `forbidden!(reason)`).
+fn forbidden_because(why: &str) -> ApiError {
+    msg(StatusCode::FORBIDDEN, &format!("403 Forbidden - {why}"))
+}
+/// `400 Bad request - <why>` (`lib/api/helpers.rb`, `bad_request!(reason)`).
+fn bad_request(why: &str) -> ApiError {
+    msg(StatusCode::BAD_REQUEST, &format!("400 Bad request - {why}"))
+}
+/// Errors joined as Rails' `Array#to_sentence` does.
+fn to_sentence(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [a, b] => format!("{a} and {b}"),
+        [rest @ .., last] => format!("{}, and {last}", rest.join(", ")),
     }
 }
 fn forbidden() -> ApiError {
@@ -248,7 +263,7 @@ async fn log_and_faults(Ax(st): Ax<Shared>, req: Request, next: Next) -> Respons
             let mut s = lock(&st);
             s.requests[idx].status = code.as_u16();
             s.requests[idx].injected = true;
-            return msg(code, &format!("{} (injected fault)", code.as_u16())).into_response();
+            return injected(code, f.retry_after);
         }
     }
     parts.extensions.insert(params);
@@ -259,22 +274,117 @@ async fn log_and_faults(Ax(st): Ax<Shared>, req: Request, next: Next) -> Respons
     resp
 }
 
-fn admin(st: &State, headers: &HeaderMap) -> Result<(), ApiError> {
-    let given = headers
-        .get("private-token")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| {
-            headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::to_owned)
-        });
-    match given {
-        Some(t) if t == st.admin_token => Ok(()),
-        _ => Err(msg(StatusCode::UNAUTHORIZED, "401 Unauthorized")),
+/// An injected answer. A 429 looks like GitLab's throttle (gitlabhq `lib/gitlab/rack_attack.rb`,
+/// `throttled_responder` and `throttled_response_headers`): plain text "Retry later" with
+/// `Retry-After` and `RateLimit-*`; other statuses carry a JSON message.
+fn injected(code: StatusCode, retry_after: Option<u64>) -> Response {
+    let mut resp = if code == StatusCode::TOO_MANY_REQUESTS {
+        (
+            code,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "Retry later\n",
+        )
+            .into_response()
+    } else {
+        msg(code, &format!("{} (injected fault)", code.as_u16())).into_response()
+    };
+    if let Some(secs) = retry_after {
+        let h = resp.headers_mut();
+        h.insert(header::RETRY_AFTER, secs.into());
+        if code == StatusCode::TOO_MANY_REQUESTS {
+            let reset = SystemTime::now() + Duration::from_secs(secs);
+            let unix = reset
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            h.insert(
+                "RateLimit-Name",
+                HeaderValue::from_static("throttle_authenticated_api"),
+            );
+            h.insert("RateLimit-Limit", 60u64.into());
+            h.insert("RateLimit-Observed", 61u64.into());
+            h.insert("RateLimit-Remaining", 0u64.into());
+            h.insert("RateLimit-Reset", unix.into());
+            if let Ok(v) = HeaderValue::from_str(&httpdate(reset)) {
+                h.insert("RateLimit-ResetTime", v);
+            }
+        }
     }
+    resp
+}
+
+/// An HTTP date (RFC 7231 IMF-fixdate).
+fn httpdate(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    let fmt = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    t.format(&fmt).unwrap_or_default()
+}
+
+/// The token behind a request to `class` with `method`, or GitLab's 401/403 (see [`super::auth`]).
+fn who(
+    st: &State,
+    headers: &HeaderMap,
+    class: Class,
+    method: Method,
+) -> Result<ApiToken, ApiError> {
+    authorize(st, headers, class, &method).map_err(|r| match r {
+        Refusal::Unauthorized => msg(StatusCode::UNAUTHORIZED, "401 Unauthorized"),
+        Refusal::InsufficientScope(ok) => ApiError {
+            status: StatusCode::FORBIDDEN,
+            body: json!({
+                "error": "insufficient_scope",
+                "error_description": "The request requires higher privileges than provided by the access token.",
+                "scope": ok.join(" "),
+            }),
+        },
+    })
+}
+
+/// What a caller wants to do with one runner (`lib/api/ci/runners.rb`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Act {
+    /// `authenticate_show_runner!`: instance runners are readable by every signed-in user.
+    Show,
+    /// `authenticate_update_runner!`, `authenticate_delete_runner!`,
+    /// `authenticate_list_runners_jobs!`: administrators, or rights on the runner's group or
+    /// project (in the fake: the runner was created with one of the user's tokens).
+    Manage,
+}
+
+fn may(t: &ApiToken, r: &Runner, act: Act) -> Result<(), ApiError> {
+    let owner = r.creator.as_deref() == Some(t.user.as_str()) && r.runner_type != "instance_type";
+    if t.admin || owner || (act == Act::Show && r.runner_type == "instance_type") {
+        Ok(())
+    } else {
+        Err(forbidden_because("No access granted"))
+    }
+}
+
+/// `GET /personal_access_tokens/self` (`lib/api/personal_access_tokens/self_information.rb`,
+/// `Entities::PersonalAccessToken`): any scope may ask.
+async fn token_self(Ax(st): Ax<Shared>, headers: HeaderMap) -> R {
+    let s = lock(&st);
+    let t = who(&s, &headers, Class::TokenSelf, Method::GET)?;
+    Ok(Json(json!({
+        "id": t.id, "name": t.name, "revoked": !t.active, "active": t.active,
+        "scopes": t.scopes, "user_id": t.id, "created_at": "2026-01-01T00:00:00.000Z",
+        "expires_at": null, "last_used_at": null, "description": null,
+    }))
+    .into_response())
+}
+
+/// `GET /user` (`lib/api/users.rb`): `Entities::UserWithAdmin` (with `is_admin`) only for
+/// administrators.
+async fn current_user(Ax(st): Ax<Shared>, headers: HeaderMap) -> R {
+    let s = lock(&st);
+    let t = who(&s, &headers, Class::User, Method::GET)?;
+    let mut body = json!({ "id": t.id, "username": t.user, "name": t.user, "state": "active" });
+    if t.admin {
+        body["is_admin"] = json!(true);
+    }
+    Ok(Json(body).into_response())
 }
 
 type R = Result<Response, ApiError>;
@@ -285,7 +395,7 @@ async fn create_runner(
     Extension(p): Extension<Params>,
 ) -> R {
     let mut s = lock(&st);
-    admin(&s, &headers)?;
+    let t = who(&s, &headers, Class::UserRunners, Method::POST)?;
     let runner_type = p
         .nonempty("runner_type")
         .ok_or_else(|| param_error("runner_type is missing"))?;
@@ -304,7 +414,18 @@ async fn create_runner(
         maintenance_note: p.str("maintenance_note"),
     };
     params.validate().map_err(|e| param_error(&e))?;
-    let r = s.create(params);
+    // `Ci::Runners::RunnerCreationStrategies::InstanceRunnerStrategy`: only administrators.
+    if params.runner_type == "instance_type" && !t.admin {
+        return Err(forbidden_because("Insufficient permissions"));
+    }
+    let errs = params.model_errors();
+    if !errs.is_empty() {
+        return Err(bad_request(&to_sentence(&errs)));
+    }
+    let id = s.create(params).id;
+    let r = s.runners.get_mut(&id).expect("just created");
+    r.creator = Some(t.user.clone());
+    let r = &s.runners[&id];
     let body =
         json!({ "id": r.id, "token": r.token.expose(), "token_expires_at": r.token_expires_at });
     Ok((StatusCode::CREATED, Json(body)).into_response())
@@ -317,21 +438,12 @@ async fn verify(Ax(st): Ax<Shared>, Extension(p): Extension<Params>) -> R {
     let system_id = p.nonempty("system_id");
     let mut s = lock(&st);
     let r = s.by_token(&token).ok_or_else(forbidden)?;
-    if token.starts_with("glrt-") && system_id.is_none() {
-        return Err(param_error("system_id is missing"));
-    }
     if r.orphaned {
         return Err(msg(StatusCode::UNPROCESSABLE_ENTITY, "Runner is orphaned"));
     }
-    if let Some(sid) = system_id {
-        r.managers
-            .entry(sid.clone())
-            .or_insert(super::state::Manager {
-                system_id: sid,
-                created_at: SystemTime::now(),
-                contacted_at: None,
-            });
-    }
+    // `lib/api/ci/runner.rb` `post '/verify'` → `authenticate_runner!`
+    // (`lib/api/ci/helpers/runner.rb`): heartbeats the runner and its manager.
+    heartbeat(r, system_id);
     let body =
         json!({ "id": r.id, "token": r.token.expose(), "token_expires_at": r.token_expires_at });
     Ok((StatusCode::OK, Json(body)).into_response())
@@ -341,14 +453,35 @@ async fn reset_token(Ax(st): Ax<Shared>, Extension(p): Extension<Params>) -> R {
     let token = p
         .nonempty("token")
         .ok_or_else(|| param_error("token is missing"))?;
+    let system_id = p.nonempty("system_id");
     let mut s = lock(&st);
-    let id = s.by_token(&token).ok_or_else(forbidden)?.id;
+    let r = s.by_token(&token).ok_or_else(forbidden)?;
+    // `post '/reset_authentication_token'` → `authenticate_runner!` too: a heartbeat, for the
+    // manager named by `system_id` or, without one, `<legacy>` (`LEGACY_SYSTEM_XID`).
+    heartbeat(r, system_id);
+    let id = r.id;
     rotated(&mut s, id)
+}
+
+/// `Ci::Runner#heartbeat` and `Ci::RunnerManager#heartbeat`: contacted now; the manager is
+/// `system_id`, or `<legacy>` when the request named none (`current_runner_manager` in
+/// `lib/api/ci/helpers/runner.rb`).
+fn heartbeat(r: &mut Runner, system_id: Option<String>) {
+    let now = SystemTime::now();
+    r.contacted_at = Some(now);
+    let sid = system_id.unwrap_or_else(|| "<legacy>".to_string());
+    let m = r.managers.entry(sid.clone()).or_insert(Manager {
+        system_id: sid,
+        created_at: now,
+        contacted_at: None,
+    });
+    m.contacted_at = Some(now);
 }
 
 async fn admin_reset_token(Ax(st): Ax<Shared>, headers: HeaderMap, Path(id): Path<u64>) -> R {
     let mut s = lock(&st);
-    admin(&s, &headers)?;
+    let t = who(&s, &headers, Class::Runners { with_id: true }, Method::POST)?;
+    may(&t, s.runners.get(&id).ok_or_else(not_found)?, Act::Manage)?;
     rotated(&mut s, id)
 }
 
@@ -369,27 +502,16 @@ async fn job_request(Ax(st): Ax<Shared>, Extension(p): Extension<Params>) -> R {
     let system_id = p.nonempty("system_id");
     let mut s = lock(&st);
     let r = s.by_token(&token).ok_or_else(forbidden)?;
-    let now = SystemTime::now();
-    r.contacted_at = Some(now);
-    if let Some(sid) = system_id {
-        let m = r
-            .managers
-            .entry(sid.clone())
-            .or_insert(super::state::Manager {
-                system_id: sid,
-                created_at: now,
-                contacted_at: None,
-            });
-        m.contacted_at = Some(now);
-    }
+    heartbeat(r, system_id);
     // The fake never hands out jobs.
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn get_runner(Ax(st): Ax<Shared>, headers: HeaderMap, Path(id): Path<u64>) -> R {
     let s = lock(&st);
-    admin(&s, &headers)?;
+    let t = who(&s, &headers, Class::Runners { with_id: true }, Method::GET)?;
     let r = s.runners.get(&id).ok_or_else(not_found)?;
+    may(&t, r, Act::Show)?;
     Ok(Json(s.runner_json(r)).into_response())
 }
 
@@ -400,7 +522,8 @@ async fn update_runner(
     Extension(p): Extension<Params>,
 ) -> R {
     let mut s = lock(&st);
-    admin(&s, &headers)?;
+    let t = who(&s, &headers, Class::Runners { with_id: true }, Method::PUT)?;
+    may(&t, s.runners.get(&id).ok_or_else(not_found)?, Act::Manage)?;
     let paused = match (p.bool("paused")?, p.bool("active")?) {
         (Some(pz), _) => Some(pz),
         (None, Some(active)) => Some(!active),
@@ -417,6 +540,13 @@ async fn update_runner(
         .is_some_and(|a| a != "not_protected" && a != "ref_protected")
     {
         return Err(param_error("access_level does not have a valid value"));
+    }
+    // `Ci::Runners::UpdateRunnerService` → `render_validation_error!` (400, errors by field).
+    if max.is_some_and(|m| m < 600) {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            body: json!({ "message": { "maximum_timeout": ["needs to be at least 10 minutes"] } }),
+        });
     }
     let r = s.runners.get_mut(&id).ok_or_else(not_found)?;
     if let Some(v) = paused {
@@ -449,7 +579,13 @@ async fn update_runner(
 
 async fn delete_runner(Ax(st): Ax<Shared>, headers: HeaderMap, Path(id): Path<u64>) -> R {
     let mut s = lock(&st);
-    admin(&s, &headers)?;
+    let t = who(
+        &s,
+        &headers,
+        Class::Runners { with_id: true },
+        Method::DELETE,
+    )?;
+    may(&t, s.runners.get(&id).ok_or_else(not_found)?, Act::Manage)?;
     s.runners.remove(&id).ok_or_else(not_found)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -486,9 +622,17 @@ async fn runner_jobs(
     Extension(p): Extension<Params>,
 ) -> R {
     let s = lock(&st);
-    admin(&s, &headers)?;
+    let t = who(&s, &headers, Class::Runners { with_id: true }, Method::GET)?;
     let r = s.runners.get(&id).ok_or_else(not_found)?;
+    may(&t, r, Act::Manage)?;
     let want = p.nonempty("status");
+    // `values: ::Ci::Build::AVAILABLE_STATUSES` (`app/models/concerns/ci/has_status.rb`).
+    if want
+        .as_deref()
+        .is_some_and(|w| !super::state::JOB_STATUSES.contains(&w))
+    {
+        return Err(param_error("status does not have a valid value"));
+    }
     let jobs: Vec<Value> = r
         .jobs
         .iter()
@@ -500,8 +644,9 @@ async fn runner_jobs(
 
 async fn runner_managers(Ax(st): Ax<Shared>, headers: HeaderMap, Path(id): Path<u64>) -> R {
     let s = lock(&st);
-    admin(&s, &headers)?;
+    let t = who(&s, &headers, Class::Runners { with_id: true }, Method::GET)?;
     let r = s.runners.get(&id).ok_or_else(not_found)?;
+    may(&t, r, Act::Show)?;
     let list: Vec<Value> = r
         .managers
         .values()
@@ -510,13 +655,36 @@ async fn runner_managers(Ax(st): Ax<Shared>, headers: HeaderMap, Path(id): Path<
     Ok(Json(list).into_response())
 }
 
+/// `GET /runners/all`: `authenticated_as_admin!`, then every runner.
+async fn list_all_runners(
+    Ax(st): Ax<Shared>,
+    headers: HeaderMap,
+    Extension(p): Extension<Params>,
+) -> R {
+    let s = lock(&st);
+    let t = who(&s, &headers, Class::Runners { with_id: false }, Method::GET)?;
+    if !t.admin {
+        return Err(msg(StatusCode::FORBIDDEN, "403 Forbidden"));
+    }
+    listing(&s, &p, |_| true)
+}
+
+/// `GET /runners`: `current_user.ci_owned_runners` — the runners of the user's groups and
+/// projects, for administrators too (no instance runners).
 async fn list_runners(
     Ax(st): Ax<Shared>,
     headers: HeaderMap,
     Extension(p): Extension<Params>,
 ) -> R {
     let s = lock(&st);
-    admin(&s, &headers)?;
+    let t = who(&s, &headers, Class::Runners { with_id: false }, Method::GET)?;
+    listing(&s, &p, |r| {
+        r.runner_type != "instance_type" && r.creator.as_deref() == Some(t.user.as_str())
+    })
+}
+
+/// One page of the runners `visible` keeps, filtered as `apply_filter` in `lib/api/ci/runners.rb`.
+fn listing(s: &State, p: &Params, visible: impl Fn(&Runner) -> bool) -> R {
     let want_type = p.nonempty("type");
     if want_type
         .as_deref()
@@ -544,6 +712,7 @@ async fn list_runners(
     let all: Vec<Value> = s
         .runners
         .values()
+        .filter(|r| visible(r))
         .filter(|r| want_type.as_deref().is_none_or(|t| r.runner_type == t))
         .filter(|r| want_paused.is_none_or(|pz| r.paused == pz))
         .filter(|r| want_tags.iter().all(|t| r.tag_list.contains(t)))

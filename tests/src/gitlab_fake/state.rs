@@ -6,6 +6,7 @@
 //! (`online` within the online threshold — GitLab uses 2 hours —, `stale` after the stale threshold
 //! — 7 days —, `never_contacted` when never polled).
 
+use super::auth::ApiToken;
 use imagectl_proto::Secret;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -13,6 +14,23 @@ use std::time::{Duration, SystemTime};
 
 /// GitLab's runner types.
 pub const RUNNER_TYPES: [&str; 3] = ["instance_type", "group_type", "project_type"];
+
+/// Job statuses (gitlabhq `app/models/concerns/ci/has_status.rb`, `AVAILABLE_STATUSES`).
+pub const JOB_STATUSES: [&str; 13] = [
+    "created",
+    "waiting_for_resource",
+    "preparing",
+    "waiting_for_callback",
+    "pending",
+    "running",
+    "success",
+    "failed",
+    "canceling",
+    "canceled",
+    "skipped",
+    "manual",
+    "scheduled",
+];
 
 /// A runner manager: one host (system_id) using the runner's token.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +95,8 @@ pub struct Runner {
     pub jobs: Vec<Job>,
     /// Set by tests: verify answers 422 "Runner is orphaned".
     pub orphaned: bool,
+    /// The user whose token created it (owner of its group or project in the fake).
+    pub creator: Option<String>,
 }
 
 /// What the fake was asked, for assertions. Tokens are kept in memory only; `Debug` redacts them.
@@ -107,6 +127,9 @@ pub struct Fault {
     pub status: Option<u16>,
     /// Delay before answering.
     pub delay: Duration,
+    /// `Retry-After` seconds sent with the injected status (429 comes as GitLab's Rack::Attack
+    /// throttle answers it: `text/plain` "Retry later" with `RateLimit-*` headers).
+    pub retry_after: Option<u64>,
     /// How many more requests it applies to.
     pub remaining: u32,
 }
@@ -132,6 +155,13 @@ pub struct State {
     pub stale_threshold: Duration,
     /// Expiry given to new tokens (RFC 3339), if any.
     pub token_expiry: Option<String>,
+    /// Personal access tokens by their secret text.
+    pub tokens: BTreeMap<String, ApiToken>,
+}
+
+/// A new random personal access token (`glpat-`).
+pub fn new_pat() -> String {
+    format!("glpat-{}", &uuid::Uuid::new_v4().simple().to_string()[..20])
 }
 
 /// A new random token with GitLab's runner prefix.
@@ -152,8 +182,18 @@ pub fn iso(t: SystemTime) -> String {
 impl State {
     /// Empty state with a fresh admin token and GitLab's thresholds.
     pub fn new() -> Self {
+        let admin_token = new_pat();
+        let admin = ApiToken {
+            id: 1,
+            name: "admin".into(),
+            user: "root".into(),
+            scopes: vec!["api".into()],
+            admin: true,
+            active: true,
+        };
         Self {
-            admin_token: format!("glpat-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
+            tokens: BTreeMap::from([(admin_token.clone(), admin)]),
+            admin_token,
             next_id: 1,
             next_job_id: 1000,
             runners: BTreeMap::new(),
@@ -197,6 +237,7 @@ impl State {
             managers: BTreeMap::new(),
             jobs: Vec::new(),
             orphaned: false,
+            creator: None,
         };
         self.runners.entry(id).or_insert(r)
     }
@@ -359,5 +400,35 @@ impl NewRunnerParams {
             return Err("maintenance_note is too long (maximum is 1024 characters)".into());
         }
         Ok(())
+    }
+
+    /// The model's own validations (gitlabhq `app/models/ci/runner.rb`), which
+    /// `Ci::Runners::CreateRunnerService` turns into `400 Bad request - <errors>`
+    /// (`lib/api/user_runners.rb`, `bad_request!(result.errors.to_sentence)`).
+    pub fn model_errors(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        // `validates :maximum_timeout, … greater_than_or_equal_to: 600, message: 'needs to be at least 10 minutes'`
+        if self.maximum_timeout.is_some_and(|t| t < 600) {
+            errs.push("Maximum timeout needs to be at least 10 minutes".to_string());
+        }
+        // `validate :tag_constraints`
+        if !self.run_untagged && self.tag_list.is_empty() {
+            errs.push(
+                "Tags list can not be empty when runner is not allowed to pick untagged jobs"
+                    .to_string(),
+            );
+        }
+        // `TAG_LIST_MAX_LENGTH = 50`
+        if self.tag_list.len() > 50 {
+            errs.push("Tag list is too long (maximum is 50 tags)".to_string());
+        }
+        // `validate :no_groups, unless: :group_type?` and `validate :no_projects, unless: :project_type?`
+        if self.runner_type != "group_type" && self.group_id.is_some() {
+            errs.push("Runner cannot have groups assigned".to_string());
+        }
+        if self.runner_type != "project_type" && self.project_id.is_some() {
+            errs.push("Runner cannot have projects assigned".to_string());
+        }
+        errs
     }
 }

@@ -75,14 +75,19 @@ fn create_requires_admin_and_valid_type() {
 }
 
 #[test]
-fn verify_needs_system_id_for_glrt_and_records_the_manager() {
+fn verify_heartbeats_the_runner_and_its_manager() {
     let gl = GitlabFake::start();
     let r = gl.create_runner(NewRunnerParams::default());
-    let (st, body) = post(&gl, "/runners/verify", json!({"token": r.token.expose()}));
-    assert_eq!(
-        (st, body["error"].as_str()),
-        (400, Some("system_id is missing"))
+    // No system_id: GitLab makes a `<legacy>` manager (lib/api/ci/helpers/runner.rb).
+    let other = gl.create_runner(NewRunnerParams::default());
+    let (st, _) = post(
+        &gl,
+        "/runners/verify",
+        json!({"token": other.token.expose()}),
     );
+    assert_eq!(st, 200);
+    let managers: Vec<String> = gl.runner(other.id).unwrap().managers.into_keys().collect();
+    assert_eq!(managers, ["<legacy>"]);
     let (st, _) = post(
         &gl,
         "/runners/verify",
@@ -101,8 +106,9 @@ fn verify_needs_system_id_for_glrt_and_records_the_manager() {
         .unwrap()
         .managers
         .contains_key("s_0123456789ab"));
-    // Verify does not move contacted_at.
-    assert_eq!(gl.status(r.id).as_deref(), Some("never_contacted"));
+    // Verify is a heartbeat (`authenticate_runner!`): the runner is online at once, so "online"
+    // proves nothing about gitlab-runner polling.
+    assert_eq!(gl.status(r.id).as_deref(), Some("online"));
     gl.set_orphaned(r.id, true);
     let (st, _) = post(
         &gl,
@@ -220,7 +226,7 @@ fn pause_jobs_and_delete() {
         .send_json(json!({"paused": true}))
         .unwrap();
     assert_eq!(read(resp).1["paused"], json!(true));
-    let (_, list) = admin_get(&gl, "/runners?paused=true");
+    let (_, list) = admin_get(&gl, "/runners/all?paused=true");
     assert_eq!(list.as_array().unwrap().len(), 1);
     gl.add_running_job(a.id);
     let (_, jobs) = admin_get(&gl, &format!("/runners/{}/jobs?status=running", a.id));

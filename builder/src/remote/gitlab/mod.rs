@@ -1,16 +1,24 @@
 //! The one GitLab client (REST API v4), used by the fleet commands: create a runner per VM, read
 //! its status, pause it, list its running jobs, delete it, and list runners for orphan gc.
 //!
-//! Auth is the `PRIVATE-TOKEN` header (scopes `create_runner` + `manage_runner`), marked sensitive;
+//! Auth is the `PRIVATE-TOKEN` header, marked sensitive (which scopes each call needs, and the
+//! preflight that checks them, are in [`token`]);
 //! the token is held as [`Secret`] and appears in no error, log line or `Debug` output. Runner
 //! tokens returned by `POST /user/runners` are [`Secret`]s too.
 //!
-//! Retries: idempotent calls (GET, PUT, DELETE) are retried with exponential backoff on transport
-//! errors, 429 and 5xx. `POST /user/runners` is retried **only** when the connection could not be
-//! made: once a request may have reached GitLab, a retry could create a second runner that nobody
-//! knows about (an orphan), so the error is returned instead and `imagectl gc` finds any runner a
-//! lost answer created (its description is `imagectl/<fleet>/<vm>`).
+//! Retries ([`imagectl_proto::retry`], shared with the agent): idempotent calls (GET, PUT, DELETE)
+//! are retried on transport errors, 408, 429 and 5xx with jittered exponential back-off inside a
+//! time budget (`[gitlab] retry_budget`), never sooner than a 429's or 503's `Retry-After` (or
+//! GitLab's `RateLimit-ResetTime`) asks, and not at all when that wait does not fit in the
+//! budget. `POST /user/runners` is retried **only** when the connection could not be made or
+//! GitLab's throttle refused it (429: Rack::Attack answers before the request is processed):
+//! once a request may have reached GitLab, a retry could create a second runner that nobody knows
+//! about (an orphan), so the error is returned instead and `imagectl gc` finds any runner a lost
+//! answer created (its description is `imagectl/<fleet>/<vm>`).
 
+pub mod token;
+
+use imagectl_proto::retry::{self, Pause, Policy};
 use imagectl_proto::Secret;
 use reqwest::header::{HeaderValue, ACCEPT};
 use reqwest::Method;
@@ -18,7 +26,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use token::{Access, TokenInfo, UserInfo};
+
+/// The statuses of a job that is still executing on its runner (gitlabhq
+/// `app/models/concerns/ci/has_status.rb`, `EXECUTING_STATUSES`): a drain waits for both.
+pub const EXECUTING_STATUSES: [&str; 2] = ["running", "canceling"];
 
 /// What went wrong talking to GitLab. Messages never contain the token.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +48,8 @@ pub enum GitlabError {
         status: u16,
         /// GitLab's `message`/`error` text (or the start of the body).
         message: String,
+        /// The wait a 429 or 503 asked for (`Retry-After`, `RateLimit-ResetTime`).
+        server_wait: Option<Duration>,
     },
     /// No answer: connection refused, reset, timed out.
     #[error("GitLab {method} {path}: {detail}")]
@@ -73,10 +89,23 @@ impl GitlabError {
         self.status() == Some(404)
     }
 
+    /// True when GitLab refused the token's scopes (`403 insufficient_scope`, `lib/api/api_guard.rb`).
+    pub fn is_insufficient_scope(&self) -> bool {
+        matches!(self, GitlabError::Status { status: 403, message, .. } if message.starts_with("insufficient_scope"))
+    }
+
+    /// True when GitLab answered a request and refused it (4xx other than 408 and 429): nothing
+    /// was made, so there is nothing to look for afterwards.
+    pub fn made_nothing(&self) -> bool {
+        matches!(self.status(), Some(s) if (400..500).contains(&s) && s != 408)
+    }
+
     /// True for failures worth retrying on an idempotent call.
     pub fn is_transient(&self) -> bool {
         match self {
-            GitlabError::Status { status, .. } => *status == 429 || *status >= 500,
+            GitlabError::Status { status, .. } => {
+                *status == 408 || *status == 429 || *status >= 500
+            }
             GitlabError::Transport { .. } => true,
             GitlabError::Decode { .. } => false,
         }
@@ -86,10 +115,8 @@ impl GitlabError {
 /// Retry and timeout settings.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// Attempts per idempotent request (≥ 1).
-    pub attempts: u32,
-    /// First backoff delay; doubles per attempt, capped at 10 s.
-    pub backoff: Duration,
+    /// Back-off and time budget of each retried call.
+    pub retry: Policy,
     /// Timeout of one request.
     pub request_timeout: Duration,
     /// Extra CA certificates (PEM bundle) to trust besides the system's roots.
@@ -99,8 +126,11 @@ pub struct ClientOptions {
 impl Default for ClientOptions {
     fn default() -> Self {
         Self {
-            attempts: 5,
-            backoff: Duration::from_millis(500),
+            retry: Policy {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(30),
+                budget: Duration::from_secs(120),
+            },
             request_timeout: Duration::from_secs(30),
             ca_pem: None,
         }
@@ -196,6 +226,10 @@ pub struct GitlabClient {
     base: String,
     token: Secret,
     opts: ClientOptions,
+    /// Whether the token's user is an administrator, once [`GitlabClient::whoami`] found out.
+    admin: Arc<OnceLock<bool>>,
+    /// The token's scopes, once [`GitlabClient::token_info`] read them.
+    scopes: Arc<OnceLock<TokenInfo>>,
 }
 
 impl fmt::Debug for GitlabClient {
@@ -250,6 +284,8 @@ impl GitlabClient {
             base: format!("{base}/api/v4"),
             token,
             opts,
+            admin: Arc::new(OnceLock::new()),
+            scopes: Arc::new(OnceLock::new()),
         })
     }
 
@@ -265,9 +301,46 @@ impl GitlabClient {
         v
     }
 
-    fn backoff(&self, attempt: u32) -> Duration {
-        let d = self.opts.backoff.saturating_mul(1u32 << attempt.min(6));
-        d.min(Duration::from_secs(10))
+    /// After a failed attempt: the pause before the next one, or the error to return (with why
+    /// no further attempt is made).
+    fn retry_pause(backoff: &mut retry::Backoff, e: GitlabError) -> Result<Duration, GitlabError> {
+        let wait = match &e {
+            GitlabError::Status { server_wait, .. } => *server_wait,
+            _ => None,
+        };
+        match backoff.next_pause(wait) {
+            Pause::Wait(d) => {
+                tracing::warn!("{e}; retrying in {:.1}s", d.as_secs_f64());
+                Ok(d)
+            }
+            Pause::GiveUp(why) => Err(match e {
+                GitlabError::Status {
+                    method,
+                    path,
+                    status,
+                    message,
+                    server_wait,
+                } => GitlabError::Status {
+                    method,
+                    path,
+                    status,
+                    message: format!("{message} (not retried: {why})"),
+                    server_wait,
+                },
+                GitlabError::Transport {
+                    method,
+                    path,
+                    connect,
+                    detail,
+                } => GitlabError::Transport {
+                    method,
+                    path,
+                    connect,
+                    detail: format!("{detail} (not retried: {why})"),
+                },
+                other => other,
+            }),
+        }
     }
 
     async fn once(
@@ -299,11 +372,22 @@ impl GitlabClient {
         let headers = resp.headers().clone();
         let bytes = resp.bytes().await.map_err(transport)?;
         if !(200..300).contains(&status) {
+            let server_wait = retry::server_wait(
+                status,
+                |name| {
+                    headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                },
+                std::time::SystemTime::now(),
+            );
             return Err(GitlabError::Status {
                 method: method.to_string(),
                 path: path.to_string(),
                 status,
                 message: error_message(&bytes),
+                server_wait,
             });
         }
         if bytes.is_empty() {
@@ -325,16 +409,12 @@ impl GitlabClient {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<(Value, reqwest::header::HeaderMap), GitlabError> {
-        let attempts = self.opts.attempts.max(1);
-        let mut attempt = 0;
+        let mut backoff = self.opts.retry.start();
         loop {
             match self.once(&method, path, query, body).await {
                 Ok(v) => return Ok(v),
-                Err(e) if attempt + 1 < attempts && e.is_transient() => {
-                    let delay = self.backoff(attempt);
-                    tracing::warn!("{e}; retrying in {:.1}s", delay.as_secs_f64());
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
+                Err(e) if e.is_transient() => {
+                    tokio::time::sleep(Self::retry_pause(&mut backoff, e)?).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -349,6 +429,44 @@ impl GitlabClient {
         })
     }
 
+    /// `GET /personal_access_tokens/self`: the token's own scopes (any scope may ask). A token that
+    /// is not a personal, group or project access token gets 400 from GitLab.
+    pub async fn token_info(&self) -> Result<TokenInfo, GitlabError> {
+        let path = "/personal_access_tokens/self";
+        let (v, _) = self.call(Method::GET, path, &[], None).await?;
+        let info: TokenInfo = Self::decode("GET", path, v)?;
+        let _ = self.scopes.set(info.clone());
+        Ok(info)
+    }
+
+    /// Whether the token's scopes grant `access`; `None` before [`token_info`](Self::token_info).
+    pub fn may(&self, access: Access) -> Option<bool> {
+        self.scopes.get().map(|t| t.allows(access))
+    }
+
+    /// `GET /user`, remembering whether the user is an administrator (only then is
+    /// `GET /runners/all` used). `None` when the token may not read it (no `read_user`,
+    /// `read_api` or `api`): then the user is taken to be no administrator.
+    pub async fn whoami(&self) -> Result<Option<UserInfo>, GitlabError> {
+        match self.call(Method::GET, "/user", &[], None).await {
+            Ok((v, _)) => {
+                let u: UserInfo = Self::decode("GET", "/user", v)?;
+                let _ = self.admin.set(u.is_admin);
+                Ok(Some(u))
+            }
+            Err(e) if e.status() == Some(403) => {
+                let _ = self.admin.set(false);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// True once [`whoami`](Self::whoami) found an administrator.
+    pub fn is_admin(&self) -> bool {
+        self.admin.get().copied().unwrap_or(false)
+    }
+
     /// `POST /user/runners`: creates a runner and returns its id and token. Retried only when
     /// the connection could not be made (see the module docs).
     pub async fn create_runner(&self, req: &NewRunner) -> Result<CreatedRunner, GitlabError> {
@@ -357,19 +475,28 @@ impl GitlabClient {
             path: "/user/runners".into(),
             detail: e.to_string(),
         })?;
-        let attempts = self.opts.attempts.max(1);
-        let mut attempt = 0;
+        let mut backoff = self.opts.retry.start();
         loop {
             match self
                 .once(&Method::POST, "/user/runners", &[], Some(&body))
                 .await
             {
-                Ok((v, _)) => return Self::decode("POST", "/user/runners", v),
-                Err(e @ GitlabError::Transport { connect: true, .. }) if attempt + 1 < attempts => {
-                    let delay = self.backoff(attempt);
-                    tracing::warn!("{e}; retrying in {:.1}s", delay.as_secs_f64());
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
+                Ok((v, _)) => {
+                    let made: CreatedRunner = Self::decode("POST", "/user/runners", v)?;
+                    check_expiry(made.token_expires_at.as_deref()).map_err(|detail| {
+                        GitlabError::Decode {
+                            method: "POST".into(),
+                            path: "/user/runners".into(),
+                            detail,
+                        }
+                    })?;
+                    return Ok(made);
+                }
+                Err(e @ GitlabError::Transport { connect: true, .. }) => {
+                    tokio::time::sleep(Self::retry_pause(&mut backoff, e)?).await;
+                }
+                Err(e @ GitlabError::Status { status: 429, .. }) => {
+                    tokio::time::sleep(Self::retry_pause(&mut backoff, e)?).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -391,15 +518,21 @@ impl GitlabClient {
         Ok(())
     }
 
-    /// `GET /runners/:id/jobs?status=running`.
-    pub async fn running_jobs(&self, id: u64) -> Result<Vec<JobInfo>, GitlabError> {
+    /// The runner's executing jobs: `GET /runners/:id/jobs?status=S` for each of
+    /// [`EXECUTING_STATUSES`] (the endpoint takes one status).
+    pub async fn executing_jobs(&self, id: u64) -> Result<Vec<JobInfo>, GitlabError> {
         let path = format!("/runners/{id}/jobs");
-        let q = [
-            ("status", "running".to_string()),
-            ("per_page", "100".to_string()),
-        ];
-        let (v, _) = self.call(Method::GET, &path, &q, None).await?;
-        Self::decode("GET", &path, v)
+        let mut out = Vec::new();
+        for status in EXECUTING_STATUSES {
+            let q = [
+                ("status", status.to_string()),
+                ("per_page", "100".to_string()),
+            ];
+            let (v, _) = self.call(Method::GET, &path, &q, None).await?;
+            let jobs: Vec<JobInfo> = Self::decode("GET", &path, v)?;
+            out.extend(jobs);
+        }
+        Ok(out)
     }
 
     /// `DELETE /runners/:id`. Returns false when the runner did not exist (already deleted).
@@ -412,13 +545,16 @@ impl GitlabClient {
         }
     }
 
-    /// Every runner the token can see (`GET /runners/all`, falling back to `GET /runners` for
-    /// non-admin tokens), optionally filtered by tags, all pages.
+    /// Every runner the token can see, optionally filtered by tags, all pages: `GET /runners/all`
+    /// for an administrator (see [`whoami`](Self::whoami)), else `GET /runners` (the runners of
+    /// the user's groups and projects). Both need `read_api` or `api`.
     pub async fn list_runners(&self, tags: &[String]) -> Result<Vec<RunnerInfo>, GitlabError> {
-        match self.list_from("/runners/all", tags).await {
-            Err(e) if e.status() == Some(403) => self.list_from("/runners", tags).await,
-            r => r,
-        }
+        let path = if self.is_admin() {
+            "/runners/all"
+        } else {
+            "/runners"
+        };
+        self.list_from(path, tags).await
     }
 
     async fn list_from(&self, path: &str, tags: &[String]) -> Result<Vec<RunnerInfo>, GitlabError> {
@@ -462,9 +598,26 @@ impl GitlabClient {
     }
 }
 
-/// GitLab's error text: `message` or `error` from a JSON body, else the body's start.
+/// A `token_expires_at` GitLab sent must be an RFC 3339 time (or absent/null: no expiry).
+fn check_expiry(v: Option<&str>) -> Result<(), String> {
+    match v {
+        None => Ok(()),
+        Some(t) => time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            .map(|_| ())
+            .map_err(|_| format!("token_expires_at {t:?} is not an RFC 3339 time")),
+    }
+}
+
+/// GitLab's error text: `message` or `error` from a JSON body, else the body's start. For
+/// `insufficient_scope` the scopes GitLab would accept are added.
 fn error_message(body: &[u8]) -> String {
     let text = match serde_json::from_slice::<Value>(body) {
+        Ok(v) if v.get("error").and_then(Value::as_str) == Some("insufficient_scope") => {
+            match v.get("scope").and_then(Value::as_str) {
+                Some(scope) => format!("insufficient_scope (GitLab accepts: {scope})"),
+                None => "insufficient_scope".into(),
+            }
+        }
         Ok(v) => match v.get("message").or_else(|| v.get("error")) {
             Some(Value::String(s)) => s.clone(),
             Some(other) => other.to_string(),
@@ -517,6 +670,12 @@ mod tests {
             "runner_type is missing"
         );
         assert_eq!(error_message(b""), "(no message)");
+        assert_eq!(
+            error_message(
+                br#"{"error":"insufficient_scope","error_description":"x","scope":"api read_api"}"#
+            ),
+            "insufficient_scope (GitLab accepts: api read_api)"
+        );
         assert_eq!(error_message(&[b'x'; 500]).chars().count(), 301);
     }
 
@@ -527,10 +686,20 @@ mod tests {
             path: "/x".into(),
             status,
             message: String::new(),
+            server_wait: None,
         };
         assert!(st(502).is_transient() && st(429).is_transient());
         assert!(!st(404).is_transient() && !st(403).is_transient());
         assert!(st(404).is_not_found());
+        assert!(st(400).made_nothing() && st(403).made_nothing() && st(429).made_nothing());
+        assert!(!st(408).made_nothing() && !st(500).made_nothing());
+    }
+
+    #[test]
+    fn token_expiry_must_be_a_time() {
+        check_expiry(None).unwrap();
+        check_expiry(Some("2027-01-01T00:00:00.000Z")).unwrap();
+        assert!(check_expiry(Some("next tuesday")).is_err());
     }
 
     #[test]
