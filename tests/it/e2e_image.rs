@@ -1,6 +1,8 @@
 //! e2e: the offline image of `image-specs/gitlab-runner.yaml`, baked once per run, boots under
 //! SeaBIOS and under OVMF with `imagectl test` and every check passes; `imagectl inspect` finds it
-//! clean, flat, zstd-compressed and matching its manifest.
+//! clean, flat, zstd-compressed and matching its manifest; gitlab-runner's package scripts (the
+//! double's, which take the real package's steps) left a disabled systemd unit, no SysV script,
+//! the gitlab-runner user, and nothing started.
 //!
 //! Heavy: takes the `heavy()` lock, bakes on first use (minutes when the package cache is cold)
 //! and boots twice under TCG (a few minutes).
@@ -145,6 +147,133 @@ fn e2e_image_boots_under_bios_and_uefi_and_inspects_clean() {
     }
     assert_eq!(v["passed"], true, "report not passed");
     assert_eq!(code, 0, "imagectl test exit code; stderr: {stderr}");
+}
+
+/// What gitlab-runner's postinst left in the baked image (read with debugfs, no boot) and in the
+/// cached rootfs layer it came from (before hygiene): the bake ran the package's post-install at
+/// the end, as on a systemd host, so `install` wrote the systemd unit; the unit is not enabled; no
+/// SysV script or rc link exists; the user is GitLab's; nothing was started.
+#[test]
+fn e2e_image_has_gitlab_runner_installed_disabled_and_never_started() {
+    let _g = heavy();
+    let image = offline_image();
+    let fs = imagectl::inspect::RootFs::open(image).expect("reading the image");
+    let read = |p: &str| {
+        fs.read(p)
+            .unwrap_or_else(|e| panic!("reading {p}: {e:#}"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    let list = |d: &str| fs.list(d).unwrap_or_else(|e| panic!("listing {d}: {e:#}"));
+
+    // The unit `gitlab-runner install` writes under systemd, with the real command line.
+    let unit = read("/etc/systemd/system/gitlab-runner.service").expect("the unit install writes");
+    assert!(
+        unit.contains(
+            "ExecStart=/usr/bin/gitlab-runner \"run\" \"--config\" \"/etc/gitlab-runner/config.toml\" \
+             \"--working-directory\" \"/home/gitlab-runner\" \"--service\" \"gitlab-runner\" \
+             \"--user\" \"gitlab-runner\""
+        ) && unit.contains("WantedBy=multi-user.target"),
+        "{unit}"
+    );
+    assert_eq!(
+        read("/lib/systemd/system/gitlab-runner.service"),
+        None,
+        "the package ships none"
+    );
+    // Not enabled: the agent enables and starts it after writing config.toml.
+    let wants = list("/etc/systemd/system/multi-user.target.wants");
+    assert!(!wants.is_empty(), "no unit is enabled at all?");
+    assert!(
+        !wants.iter().any(|n| n == "gitlab-runner.service"),
+        "{wants:?}"
+    );
+    // No SysV script, no rc links.
+    let init_d = list("/etc/init.d");
+    assert!(!init_d.is_empty(), "no /etc/init.d at all?");
+    assert!(!init_d.iter().any(|n| n == "gitlab-runner"), "{init_d:?}");
+    for rc in ["0", "1", "2", "3", "4", "5", "6", "S"] {
+        // (a runlevel directory may not exist at all)
+        let links = fs.list(&format!("/etc/rc{rc}.d")).unwrap_or_default();
+        assert!(
+            !links.iter().any(|n| n.ends_with("gitlab-runner")),
+            "/etc/rc{rc}.d: {links:?}"
+        );
+    }
+    // GitLab's user: a system account, home /home/gitlab-runner, bash.
+    let passwd = read("/etc/passwd").expect("/etc/passwd");
+    let user: Vec<&str> = passwd
+        .lines()
+        .find(|l| l.starts_with("gitlab-runner:"))
+        .unwrap_or_else(|| panic!("no gitlab-runner user:\n{passwd}"))
+        .split(':')
+        .collect();
+    assert!(user[2].parse::<u32>().is_ok_and(|u| u < 1000), "{user:?}");
+    assert_eq!((user[5], user[6]), ("/home/gitlab-runner", "/bin/bash"));
+    assert!(
+        fs.size("/home/gitlab-runner").unwrap().is_some(),
+        "no home directory"
+    );
+    // The deferral is undone: the package's own hook is back, no diversion is left.
+    let ours = std::fs::read_to_string(
+        workspace().join("tests/gitlab-runner-double/pkg/usr/share/gitlab-runner/post-install"),
+    )
+    .unwrap();
+    assert_eq!(
+        read("/usr/share/gitlab-runner/post-install").as_deref(),
+        Some(ours.as_str())
+    );
+    assert!(!list("/usr/share/gitlab-runner")
+        .iter()
+        .any(|n| n.contains("imagectl")));
+    let diversions = read("/var/lib/dpkg/diversions").unwrap_or_default();
+    assert!(!diversions.contains("imagectl"), "{diversions}");
+    // Nothing started: no log of the init script kardianos/service writes, no registration.
+    let logs = list("/var/log");
+    assert!(
+        !logs.iter().any(|n| n.starts_with("gitlab-runner")),
+        "{logs:?}"
+    );
+
+    // The cached layer, before hygiene: `install` saved config.toml (hygiene drops it from the
+    // image), and the runner never ran (`run` writes .runner_system_id beside config.toml).
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(imagectl::manifest::Manifest::path_for(image)).expect("the manifest"),
+    )
+    .unwrap();
+    let key = manifest["layer_key"].as_str().expect("layer_key");
+    let layer = crate::support::cache_dir()
+        .join("layers")
+        .join(format!("{key}.tar"));
+    let o = Command::new("tar")
+        .arg("-tvf")
+        .arg(&layer)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "listing {}", layer.display());
+    let listing = String::from_utf8_lossy(&o.stdout);
+    let names: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .map(|n| n.trim_start_matches("./"))
+        .collect();
+    assert!(
+        names.contains(&"etc/gitlab-runner/config.toml"),
+        "install ran in the bake"
+    );
+    for absent in [
+        "etc/gitlab-runner/.runner_system_id",
+        "etc/init.d/gitlab-runner",
+        "run/gitlab-runner.pid",
+        "usr/share/gitlab-runner/post-install.imagectl-deferred",
+    ] {
+        assert!(!names.contains(&absent), "{absent} in the layer");
+    }
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.ends_with(".wants/gitlab-runner.service")),
+        "the layer has the unit enabled"
+    );
 }
 
 /// A manifest beside the image with `boot_modes` (every other field a placeholder).

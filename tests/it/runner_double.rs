@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Its package scripts installed with dpkg, with and without the bake's hooks.
+mod install;
+
 fn double_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("gitlab-runner-double")
 }
@@ -112,13 +115,36 @@ fn double_polls_gitlab_serves_metrics_and_keeps_the_token_secret() {
     });
     assert!(text.contains("double=\"true\"} 1"), "{text}");
     assert!(text.contains("gitlab_runner_jobs 0"), "{text}");
+    // The real runner's name, help text and label set (gitlab-org/gitlab-runner
+    // network/api_requests_collector.go), labels sorted as client_golang prints them; the double's
+    // `runner` label is the runner id instead of the real 9-character token prefix.
     assert!(
-        text.contains(&format!(
-            "gitlab_runner_api_request_statuses_total{{runner=\"{}\",endpoint=\"request_job\",status=\"204\"}}",
-            r.id
-        )),
+        text.contains(
+            "# HELP gitlab_runner_api_request_statuses_total The total number of API requests made by \
+             GitLab Runner, partitioned by runner, system_id, endpoint, status and method.\n\
+             # TYPE gitlab_runner_api_request_statuses_total counter\n"
+        ),
         "{text}"
     );
+    let prefix = format!(
+        "gitlab_runner_api_request_statuses_total{{endpoint=\"request_job\",method=\"post\",runner=\"{}\",status=\"204\",system_id=\"s_d0ub1e000001\"}} ",
+        r.id
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in {text}"));
+    // The value is the number of answered job requests so far, as the real counter counts them.
+    let n: u64 = line[prefix.len()..].parse().unwrap();
+    let answered = gl
+        .requests_to("/jobs/request")
+        .iter()
+        .filter(|p| p.status == 204)
+        .count() as u64;
+    assert!(n >= 1 && n <= answered, "{n} vs {answered} answered");
+    // gitlab-runner's own parser in the agent reads it as proof of polling.
+    let t = imagectl_agent::runner_poll::tally(&text, "s_d0ub1e000001");
+    assert!(t.successful >= 1.0, "{t:?}");
 
     // A rotated token makes the double's polls fail with 403; it keeps running and says so.
     gl.fault("POST", "/jobs/request", 403, 1);
@@ -194,7 +220,11 @@ fn double_verify_and_version() {
 fn double_package_tree_builds_with_dpkg_deb() {
     use std::os::unix::fs::PermissionsExt;
     let pkg = double_dir().join("pkg");
-    for exe in ["DEBIAN/postinst", "usr/bin/gitlab-runner"] {
+    for exe in [
+        "DEBIAN/postinst",
+        "usr/bin/gitlab-runner",
+        "usr/share/gitlab-runner/post-install",
+    ] {
         let mode = std::fs::metadata(pkg.join(exe))
             .unwrap()
             .permissions()
@@ -246,8 +276,10 @@ fn double_package_tree_builds_with_dpkg_deb() {
         list.contains("-rwxr-xr-x root/root") && list.contains("./usr/bin/gitlab-runner"),
         "{list}"
     );
+    // Like GitLab's package: the post-install hook ships, the unit does not (`install` writes it).
     assert!(
-        list.contains("./lib/systemd/system/gitlab-runner.service"),
+        list.contains("./usr/share/gitlab-runner/post-install")
+            && !list.contains("gitlab-runner.service"),
         "{list}"
     );
 }

@@ -6,7 +6,10 @@
 //! `systemctl enable` would. `mkfs.ext4 -d` then reads the tar directly. Every entry keeps the
 //! ownership and mode from the tar headers, so no root privileges or loop devices are involved,
 //! and the output is a pure function of the inputs (times are clamped to SOURCE_DATE_EPOCH).
+//! Every entry written also goes through [`ServiceCheck`]: an image with an active SysV script
+//! for gitlab-runner, its unit enabled or missing, or traces of it having run is refused.
 
+use super::runner::{Kind, ServiceCheck};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufWriter, Read};
@@ -185,6 +188,7 @@ pub fn compose(base: &Path, out: &Path, overlay: &Overlay, epoch: i64) -> Result
     let wanted_units: BTreeSet<String> = overlay.enable.iter().flat_map(|u| unit_dirs(u)).collect();
 
     let mut report = Report::default();
+    let mut runner = ServiceCheck::default();
     let mut unit_texts: BTreeMap<String, String> = BTreeMap::new();
     let mut seen: BTreeSet<String> = BTreeSet::new();
 
@@ -241,6 +245,12 @@ pub fn compose(base: &Path, out: &Path, overlay: &Overlay, epoch: i64) -> Result
                     .link_name()?
                     .with_context(|| format!("link without target: /{path}"))?
                     .into_owned();
+                let kind = if header.entry_type() == EntryType::Symlink {
+                    Kind::Symlink
+                } else {
+                    Kind::Other
+                };
+                runner.observe(&path, kind, target.to_str());
                 builder.append_link(&mut header, &path, target)?;
             }
             EntryType::Regular | EntryType::Continuous if wanted_units.contains(&path) => {
@@ -252,6 +262,14 @@ pub fn compose(base: &Path, out: &Path, overlay: &Overlay, epoch: i64) -> Result
             _ => {
                 builder.append_data(&mut header, &path, &mut entry)?;
             }
+        }
+        if !matches!(header.entry_type(), EntryType::Link | EntryType::Symlink) {
+            let kind = match header.entry_type() {
+                EntryType::Regular | EntryType::Continuous => Kind::File,
+                EntryType::Directory => Kind::Dir,
+                _ => Kind::Other,
+            };
+            runner.observe(&path, kind, None);
         }
         seen.insert(path);
         report.entries += 1;
@@ -270,6 +288,11 @@ pub fn compose(base: &Path, out: &Path, overlay: &Overlay, epoch: i64) -> Result
                 builder.append_data(&mut h, format!("{parent}/"), std::io::empty())?;
                 report.entries += 1;
             }
+        }
+        match a {
+            Add::File { .. } => runner.observe(path, Kind::File, None),
+            Add::Symlink(target) => runner.observe(path, Kind::Symlink, Some(target)),
+            Add::Dir(_) => runner.observe(path, Kind::Dir, None),
         }
         match a {
             Add::File { content, mode } => match content {
@@ -338,10 +361,12 @@ pub fn compose(base: &Path, out: &Path, overlay: &Overlay, epoch: i64) -> Result
         if seen.contains(&path) {
             continue;
         }
+        runner.observe(&path, Kind::Symlink, Some(&target));
         let mut h = header_for(EntryType::Symlink, 0o777, 0, epoch);
         builder.append_link(&mut h, &path, &target)?;
         report.entries += 2;
     }
+    runner.finish()?;
     builder
         .into_inner()
         .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
@@ -472,6 +497,48 @@ mod tests {
         let out2 = dir.path().join("out2.tar");
         compose(&base, &out2, &ov, 1_700_000_000).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&out2).unwrap());
+    }
+
+    #[test]
+    fn compose_refuses_an_active_gitlab_runner() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.tar");
+        let unit = b"[Service]\nExecStart=/usr/bin/gitlab-runner run\n[Install]\nWantedBy=multi-user.target\n";
+        let layer = |sysv: bool| {
+            let mut b = tar::Builder::new(fs_err::File::create(&base).unwrap());
+            let mut add = |p: &str, data: &[u8]| {
+                let mut h = header_for(EntryType::Regular, 0o755, data.len() as u64, 1);
+                b.append_data(&mut h, p, data).unwrap();
+            };
+            add("./usr/bin/gitlab-runner", b"bin");
+            add("./etc/systemd/system/gitlab-runner.service", unit);
+            if sysv {
+                add("./etc/init.d/gitlab-runner", b"#!/bin/sh\n");
+            }
+            b.finish().unwrap();
+        };
+        let out = dir.path().join("o.tar");
+        layer(false);
+        let mut ov = Overlay::default();
+        ov.disable.push("gitlab-runner.service".into());
+        compose(&base, &out, &ov, 1).unwrap();
+        // A spec that enables it.
+        ov.enable.push("gitlab-runner.service".into());
+        let err = compose(&base, &out, &ov, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("multi-user.target.wants/gitlab-runner.service")
+                && err.contains("is enabled"),
+            "{err}"
+        );
+        // A layer with a SysV script.
+        layer(true);
+        let err = compose(&base, &out, &Overlay::default(), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/etc/init.d/gitlab-runner: a SysV init script"),
+            "{err}"
+        );
     }
 
     #[test]

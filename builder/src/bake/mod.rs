@@ -19,6 +19,7 @@ pub mod layer;
 pub mod origin;
 pub mod resolve;
 pub mod rootfs;
+pub mod runner;
 pub mod sources;
 
 use crate::error::input;

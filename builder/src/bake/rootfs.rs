@@ -7,7 +7,8 @@
 //! fetched from (the .deb cache, the mirror, the snapshot archive: see [`super::origin`]) is *not*
 //! in it: the same pins give the same bytes from any of them. Files, units, artifacts and the
 //! agent are not in it either: they are added on top at compose time, so changing them reuses the
-//! layer.
+//! layer. The hooks that handle gitlab-runner's package scripts ([`super::runner`]) are part of
+//! the recipe (`recipe` in the key).
 
 use super::sources::{self, AptSource};
 use crate::spec::lock::LockedPackage;
@@ -207,7 +208,7 @@ pub fn layer_inputs(l: &Loaded, epoch: i64, work: &Path, keys_cache: &Path) -> R
         .trim()
         .to_string();
     Ok(LayerInputs {
-        recipe: 4,
+        recipe: 5,
         suite: s.base.suite.clone(),
         sources: apt.iter().map(AptSource::image_line).collect(),
         keys,
@@ -291,6 +292,10 @@ pub fn bootstrap(
     if !inputs.includes.is_empty() {
         cmd.arg(format!("--include={}", inputs.includes.join(",")));
     }
+    // gitlab-runner's postinst: deferred past apt, then run as on the booted image and checked
+    // (see [`super::runner`]); the hooks are fixed text, no spec field reaches them.
+    let (essential, customize) = super::runner::hook_args(work)?;
+    cmd.args(essential).args(customize);
     for c in &inputs.chroot_commands {
         cmd.arg(format!("--customize-hook=chroot \"$1\" sh -c {}", quote(c)));
     }
@@ -357,6 +362,9 @@ pub fn bootstrap(
         cmd.arg(s.staged_line(stage.path()));
     }
     cmd.env("SOURCE_DATE_EPOCH", inputs.epoch.to_string());
+    // gitlab-runner's postinst.deb would otherwise run `clear-docker-cache prune` in the build
+    // root, where no Docker daemon runs.
+    cmd.env("NO_DOCKER_PRUNE", "1");
     let log = work.join("mmdebstrap.log");
     let logf = fs_err::File::create(&log)?;
     tracing::debug!("running {:?}", cmd);
