@@ -337,9 +337,94 @@ fn warn_if_readable(p: &Path) {
     }
 }
 
+/// Checks an API token id `USER@REALM!TOKENID` against PVE's own grammar; the error says which
+/// part is wrong without repeating the value.
+///
+/// The rules are pve-access-control's: `$user_regex = [^\s:/]+` and
+/// `$realm_regex = [A-Za-z][A-Za-z0-9\.\-_]+` (`src/PVE/Auth/Plugin.pm`), a user id of 3 to 64
+/// characters (`verify_username` there), and `$token_subid_regex = $realm_regex` inside
+/// `$token_full_regex` (`src/PVE/AccessControl.pm`, used by `pve_verify_tokenid` and
+/// `split_tokenid`). Because the realm and the token id hold neither `@` nor `!`, the last `!`
+/// ends the user id and the last `@` in it starts the realm. `verify_token` there splits
+/// `ID=SECRET` at the last `=`, which [`ApiToken::parse`] does too. One rule is ours: the id
+/// travels in an HTTP header, so it must be ASCII.
+pub fn check_token_id(id: &str) -> std::result::Result<(), String> {
+    let realm_like = |s: &str| {
+        let mut c = s.chars();
+        c.next().is_some_and(|f| f.is_ascii_alphabetic())
+            && s.len() >= 2
+            && c.all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c))
+    };
+    let (userid, subid) = id
+        .rsplit_once('!')
+        .ok_or("it has no `!TOKENID` after the user")?;
+    let (user, realm) = userid
+        .rsplit_once('@')
+        .ok_or("its user has no `@REALM` (PVE user ids are NAME@REALM)")?;
+    if !id.is_ascii() {
+        return Err("it is not ASCII (it is sent in an HTTP header)".into());
+    }
+    if user.is_empty() || user.contains(|c: char| c.is_ascii_whitespace() || ":/".contains(c)) {
+        return Err("its user name is empty or holds whitespace, `:` or `/`".into());
+    }
+    if !(3..=64).contains(&userid.len()) {
+        return Err("its user id NAME@REALM is not 3 to 64 characters long".into());
+    }
+    if !realm_like(realm) {
+        return Err(
+            "its realm is not a letter followed by at least one of A-Z a-z 0-9 . - _".into(),
+        );
+    }
+    if !realm_like(subid) {
+        return Err(
+            "its token id (after `!`) is not a letter followed by at least one of A-Z a-z 0-9 . - _"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_ids_follow_pve_access_control() {
+        for ok in [
+            "imagectl@pve!ci",
+            "ci+bot@pve!ci",
+            "ci=bot@pve!ci",
+            "a.b-c_d@pam!t1",
+            "first.last@example.com@ad-corp!ci-2",
+            "x@pve!ab",
+            "runner!x@pve!ci",
+        ] {
+            assert_eq!(check_token_id(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "imagectl@pve",
+            "imagectl!ci",
+            "@pve!ci",
+            "a b@pve!ci",
+            "a:b@pve!ci",
+            "a/b@pve!ci",
+            "x@1pve!ci",
+            "x@p!ci",
+            "x@pve!c",
+            "x@pve!1ci",
+            "x@pve!c+i",
+            "é@pve!ci",
+            "x@pve!",
+        ] {
+            assert!(check_token_id(bad).is_err(), "{bad}");
+        }
+        let long = format!("{}@pve!ci", "u".repeat(61));
+        assert!(check_token_id(&long).is_err());
+        assert_eq!(
+            check_token_id(&format!("{}@pve!ci", "u".repeat(60))),
+            Ok(())
+        );
+    }
     use std::collections::HashMap;
 
     const TOKEN: &str = "imagectl@pve!ci=6f1e2d3c-aaaa-bbbb-cccc-000000000001";

@@ -41,6 +41,15 @@ pub fn qcow2_header(path: &Path) -> Result<Qcow2Header> {
     let be32 = |o: usize| u32::from_be_bytes(h[o..o + 4].try_into().expect("4 bytes"));
     let be64 = |o: usize| u64::from_be_bytes(h[o..o + 8].try_into().expect("8 bytes"));
     let version = be32(4);
+    let cluster_bits = be32(20);
+    // QEMU's limits (block/qcow2.h: MIN_CLUSTER_BITS 9, MAX_CLUSTER_BITS 21).
+    if !(2..=3).contains(&version) || !(9..=21).contains(&cluster_bits) {
+        return Err(crate::error::input(format!(
+            "{} is not a usable qcow2 image (version {version}, cluster bits {cluster_bits}); \
+             it may be truncated or damaged",
+            path.display()
+        )));
+    }
     let header_len = if version >= 3 { be32(100) as usize } else { 72 };
     let incompatible = if version >= 3 { be64(72) } else { 0 };
     let compression = if incompatible & (1 << 3) != 0 && header_len > 104 && n > 104 {
@@ -55,7 +64,7 @@ pub fn qcow2_header(path: &Path) -> Result<Qcow2Header> {
     Ok(Qcow2Header {
         version,
         virtual_size: be64(24),
-        cluster_size: 1u64 << be32(20),
+        cluster_size: 1u64 << cluster_bits,
         has_backing_file: be64(8) != 0,
         compression: compression.into(),
     })

@@ -10,6 +10,7 @@
 //! Publishing is idempotent: a ready template with the same sha256 and version on the same
 //! storage (and node, unless the storage is shared) means there is nothing to do.
 
+mod import;
 mod node;
 mod notes;
 mod usage;
@@ -199,19 +200,11 @@ pub fn version_tag(version: &str) -> String {
     format!("image-{}", tag_value(version))
 }
 
-/// The import file name for an image: PVE's safe characters, `.qcow2`.
+/// The import file name for an image, `imagectl-<name>-<version>.qcow2`, exactly as PVE will
+/// store it (pve-storage `src/PVE/Storage.pm` `normalize_content_filename`: `+`, `=`, `~`, `:` …
+/// become `_`), so that the name sent is the name stored.
 pub fn import_filename(name: &str, version: &str) -> String {
-    let stem: String = format!("imagectl-{name}-{version}")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-.+=_".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("{stem}.qcow2")
+    crate::remote::pve::upload::content_filename(&format!("imagectl-{name}-{version}.qcow2"))
 }
 
 /// Publishes; on failure removes what this run made (the VM and the import volume).
@@ -255,10 +248,8 @@ pub async fn cleanup(pve: &PveClient, c: &Created) -> Vec<String> {
     }
     if let Some((node, volid)) = &c.import {
         eprintln!("cleaning up: removing {volid} on {node}");
-        if let Err(e) = pve.delete_volume(node, volid).await {
-            if !e.is_not_found() {
-                problems.push(format!("removing {volid} on {node}: {e}"));
-            }
+        if let Err(e) = import::remove(pve, node, volid).await {
+            problems.push(e);
         }
     }
     problems
@@ -419,6 +410,10 @@ mod tests {
         assert_eq!(template_name("x", "--"), "x");
         assert_eq!(version_tag("1.0+B2~rc1"), "image-1.0+b2-rc1");
         assert_eq!(import_filename("g r", "1:2"), "imagectl-g_r-1_2.qcow2");
+        assert_eq!(
+            import_filename("gitlab-runner", "2.0+b1=x~y"),
+            "imagectl-gitlab-runner-2.0_b1_x_y.qcow2"
+        );
         assert!(crate::remote::pve::upload::valid_import_name(
             &import_filename("g r", "1:2~x")
         ));

@@ -6,6 +6,45 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+/// Reads a text file the user named (`what` says which flag or role), refusing what would hang,
+/// exhaust memory or leak: a missing path, a directory, a FIFO or device (reading would block or
+/// never end), more than `max` bytes, or bytes that are not UTF-8 text. Every refusal is an input
+/// error (exit 2) naming the file and never quoting it.
+pub fn read_text_input(path: &Path, what: &str, max: u64) -> Result<String> {
+    use crate::error::input;
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(input(format!("{what} {shown} does not exist")))
+        }
+        Err(e) => {
+            return Err(input(format!(
+                "{what} {shown} cannot be read: {}",
+                e.kind()
+            )))
+        }
+    };
+    if meta.is_dir() {
+        return Err(input(format!("{what} {shown} is a directory, not a file")));
+    }
+    if !meta.is_file() {
+        return Err(input(format!(
+            "{what} {shown} is not a regular file (a pipe or device); pass a file"
+        )));
+    }
+    if meta.len() > max {
+        return Err(input(format!(
+            "{what} {shown} is {}; at most {} is read",
+            human_size(meta.len()),
+            human_size(max)
+        )));
+    }
+    let bytes = std::fs::read(path)
+        .map_err(|e| input(format!("{what} {shown} cannot be read: {}", e.kind())))?;
+    String::from_utf8(bytes).map_err(|_| input(format!("{what} {shown} is not UTF-8 text")))
+}
+
 /// SHA-256 of a file, hex encoded.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = fs_err::File::open(path)?;

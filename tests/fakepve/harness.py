@@ -24,8 +24,13 @@ Where fakepve 0.5.0 differs from the PVE docs, and what this subclass does about
 * import volumes are not inspected: a qcow2 with a backing file fails the task, as
   `file_size_info(..., untrusted)` does in PVE; the qcow2 virtual size is kept for import-from.
 * `scsi0=STORE:0,import-from=VOL` allocates 0 bytes and keeps `import-from` in the config: we size
-  the new disk from the source's virtual size, fail if the source does not exist, and drop
-  `import-from` from the stored config, as qemu-server does.
+  the new disk from the source's virtual size, fail the create task with qemu-server's
+  "could not get size of VOL" if the source does not exist, and drop `import-from` from the
+  stored config, as qemu-server does.
+* upload and download-url store the file under the name sent: we store it under
+  `normalize_content_filename` of it (every character outside [a-zA-Z0-9_.-] becomes `_`, so
+  `x-2.0+b1.qcow2` is `import/x-2.0_b1.qcow2`), as pve-storage does; the upload record keeps
+  both names (`filename` stored, `sent_filename` sent).
 * download-url pretends (no fetch): we fetch the URL (loopback http(s) in tests) into a temp file,
   verify the checksum and the image as upload does.
 * the `local` storage lacks `import` in its content list: added.
@@ -47,6 +52,7 @@ What the harness adds for tests (none of it is PVE behaviour; it is how tests lo
 
 import argparse
 import asyncio
+import contextvars
 import datetime
 import hashlib
 import ipaddress
@@ -68,11 +74,25 @@ from fakepve.lxc import format_size
 from fakepve.qemu import NEW_DISK, join_drive, split_drive, volume_ref
 from fakepve.routing import split_list
 
+# The node a clone request runs on while fakepve's clone handler checks the new id (see _qm_clone).
+_CLONE_NODE = contextvars.ContextVar('clone_node', default=None)
+
 CHUNK = 1 << 20
 SAFE_IMPORT_NAME = re.compile(r'^[a-zA-Z0-9\-.+=_]+\.(ova|qcow2|raw|vmdk)$')
 HASHES = {'md5': 'md5', 'sha1': 'sha1', 'sha224': 'sha224', 'sha256': 'sha256', 'sha384': 'sha384',
           'sha512': 'sha512'}
 ZERO = bytes(CHUNK)
+
+
+def normalize_content_filename(filename):
+    """The name PVE stores an upload or download-url file under: pve-storage src/PVE/Storage.pm
+    `normalize_content_filename` (chomp, drop everything up to the last / or \\, every character
+    outside [a-zA-Z0-9_.-] becomes _), which `upload` and `download_url` in
+    src/PVE/API2/Storage/Status.pm apply before they check the extension and build the path."""
+    if filename.endswith('\n'):
+        filename = filename[:-1]
+    filename = re.split(r'[/\\]', filename)[-1]
+    return re.sub(r'[^a-zA-Z0-9_.-]', '_', filename)
 
 
 def make_pki(directory):
@@ -224,8 +244,10 @@ class ImagectlPve(FakePve):
             self._drop(tmp)
             raise PveError(400, 'bad upload request: {0}'.format(e)) from None
         content = fields.get('content')
-        filename = fields.get('filename', '')
-        record = {'filename': filename, 'bytes': received, 'storage': name, 'node': node, 'status': 'rejected'}
+        sent = fields.get('filename', '')
+        filename = normalize_content_filename(sent)
+        record = {'filename': filename, 'sent_filename': sent, 'bytes': received, 'storage': name, 'node': node,
+                  'status': 'rejected'}
         self.uploads.append(record)
         try:
             if tmp is None:
@@ -327,6 +349,8 @@ class ImagectlPve(FakePve):
                     return await inner()
                 finally:
                     self._sweep_isos()
+        if ttype == 'qmclone' and vm is not None:
+            body = self._clone_worker(vm, body)  # see "clone ids, pools"
         return await super().task(node, ttype, tid, user, body, vm=vm, lock=lock, log=log)
 
     @staticmethod
@@ -353,13 +377,14 @@ class ImagectlPve(FakePve):
         self.require(user, '/storage/' + name, 'Datastore.AllocateTemplate')
         p = self._verify(request, await params(request))
         self._need_file_storage(store, "can't upload to storage type '{0}', not a file based storage!")
-        content, filename = p['content'], p['filename']
+        content, filename = p['content'], normalize_content_filename(p['filename'])
         if content == 'import' and not SAFE_IMPORT_NAME.match(filename):
             raise PveError(400, 'Parameter verification failed.', {'filename': 'invalid filename or wrong extension'})
         if content not in split_list(store.get('content')):
             raise PveError(500, "storage '{0}' is not configured for content-type '{1}'".format(name, content))
         verify = str(p.get('verify-certificates', 1)) not in ('0', 'false')
-        record = {'filename': filename, 'bytes': 0, 'storage': name, 'node': node, 'status': 'downloading'}
+        record = {'filename': filename, 'sent_filename': p['filename'], 'bytes': 0, 'storage': name, 'node': node,
+                  'status': 'downloading'}
         self.uploads.append(record)
         log = ['downloading {0} to {1}'.format(p['url'], filename)]
 
@@ -392,13 +417,93 @@ class ImagectlPve(FakePve):
         sid, volname = volume_ref(source)
         vol = self._volumes(sid).get(volname) if sid in self.storages else None
         if vol is None:
-            raise PveError(500, "volume '{0}' does not exist".format(source))
+            # qemu-server src/PVE/API2/Qemu.pm `$import_from_volid`, in the create worker: the
+            # task fails with "unable to create VM N - could not get size of VOLID".
+            raise TaskError('could not get size of {0}'.format(source))
         vsize = int(vol.get('virtual_size') or vol.get('size') or 0)
         props = dict(props)
         props.pop('import-from')
         volid, _fmt = self._qm_alloc(found.group(1) or default, vmid, props.pop('format', None), vsize)
         props['size'] = format_size(vsize)
         return join_drive(volid, props), [volid]
+
+    # ------------------------------------------------- linked clone names
+
+    def _qm_alloc(self, sid, vmid, fmt, size, linked_from=None):
+        """vdisk_alloc, and vdisk_clone for a linked clone (`linked_from` = '<basevmid>/<base>').
+
+        pve-storage names a linked clone per plugin (`clone_image`): src/PVE/Storage/Plugin.pm (dir,
+        NFS, CIFS, qcow2 on BTRFS) `<basevmid>/<base>/<vmid>/<name>`, ZFSPoolPlugin.pm and
+        RBDPlugin.pm `<base>/<name>`, LvmThinPlugin.pm a plain `vm-<vmid>-disk-N` (a thin snapshot
+        whose origin only LVM knows). fakepve names file-storage and LVM-thin clones so already; the
+        ZFS and RBD ones it names like LVM-thin, so we rename those.
+        """
+        volid, fmt = super()._qm_alloc(sid, vmid, fmt, size, linked_from=linked_from)
+        store = self.storages.get(sid) or {}
+        if linked_from and '/' in linked_from and store.get('type') in ('rbd', 'zfspool'):
+            base = linked_from.split('/', 1)[1]
+            name = volume_ref(volid)[1]
+            volumes = store.setdefault('volumes', {})
+            if name in volumes and '/' not in name:
+                renamed = '{0}/{1}'.format(base, name)
+                volumes[renamed] = volumes.pop(name)
+                volid = '{0}:{1}'.format(sid, renamed)
+        return volid, fmt
+
+    # --------------------------------------------------- clone ids, pools
+
+    async def _qm_clone(self, v, user):
+        """The request part of qemu-server PVE/API2/Qemu.pm `clone_vm`: `$load_and_check` looks for
+        `config_file($newid)` on the node it runs on only (`-f $conffile`), so an id held on another
+        node passes the request (see _qm_taken)."""
+        token = _CLONE_NODE.set(v['node'])
+        try:
+            return await super()._qm_clone(v, user)
+        finally:
+            _CLONE_NODE.reset(token)
+
+    def _qm_taken(self, vmid):
+        node = _CLONE_NODE.get()
+        if node is None:
+            return super()._qm_taken(vmid)
+        vm = self.vm(vmid)
+        return vm is not None and vm.node == node
+
+    def _clone_worker(self, new, body):
+        """The worker part of `clone_vm`: the new VM enters the cluster's VM list only here.
+
+        fakepve registers a clone in the request. PVE forks a worker (`fork_worker('qmclone', …)`)
+        that takes the source's and the new id's config locks (`lock_config_full($newid, 1, …)`),
+        runs `$load_and_check` again ("unable to create VM N: config file already exists") and then
+        writes the temporary config "# qmclone temporary file" with `file_set_contents`, which
+        pmxcfs refuses when another node holds the id (pve-cluster src/pmxcfs/memdb.c
+        `memdb_rename`: `vmlist_different_vm_exists` → EEXIST; pve-common src/PVE/File.pm
+        `file_set_contents`: "close (rename) atomic file '…' failed: File exists"). Until then
+        `GET /cluster/nextid` (pve-manager PVE/API2/Cluster.pm `nextid`, reading
+        `PVE::Cluster::get_vmlist()`) hands the id out again. `task-secs` {"qmclone-worker": S}
+        sets how many PVE seconds pass between the POST and the worker writing the config.
+        """
+        if new in self.vms:
+            self.vms.remove(new)
+        node = new.node
+
+        async def worker():
+            await self.pause(getattr(self, 'task_secs', {}).get('qmclone-worker', 0))
+            other = self.guest(new.vmid)
+            if other is not None and other is not new:
+                if getattr(other, 'guest', '').startswith('lxc/') or other.node != node:
+                    raise TaskError("close (rename) atomic file '/etc/pve/nodes/{0}/qemu-server/{1}.conf' "
+                                    "failed: File exists".format(node, new.vmid))
+                raise TaskError('unable to create VM {0}: config file already exists'.format(new.vmid))
+            self.vms.append(new)
+            return await body()
+        return worker
+
+    async def _pool_create(self, v, user):
+        """pve-manager PVE/API2/Pool.pm `create_pool`: the method's `check => ['perm', '/pool/{poolid}',
+        ['Pool.Allocate']]` runs before its code, which alone says "pool '…' already exists"."""
+        self.require(user, '/pool/' + v['poolid'], 'Pool.Allocate')
+        return await super()._pool_create(v, user)
 
     # ------------------------------------------------------------ view
 
@@ -478,6 +583,14 @@ def control_app(pve):
                                     'ip-addresses': [{'ip-address': '127.0.0.1', 'ip-address-type': 'ipv4',
                                                       'prefix': 8}]}]}
                 vm.agent_hangs = bool(a.get('hangs', False))
+            elif cmd == 'version':
+                # What GET /version reports (pve-manager PVE/API2/Version.pm: version, release).
+                pve.version = str(a['version'])
+                pve.release_version = '.'.join(pve.version.split('.')[:2])
+            elif cmd == 'grant':
+                # An ACL entry for a user or token (pveum acl modify PATH --privs ... ); the first
+                # grant switches fakepve from "everyone may do everything" to ACL checks.
+                pve.grant(a['user'], a['path'], *a['privs'])
             elif cmd == 'task-secs':
                 # PVE seconds each task type takes (scaled by the time scale), e.g. {"qmclone": 3}.
                 pve.task_secs = {str(k): float(v) for k, v in a.items()}

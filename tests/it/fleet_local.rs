@@ -20,6 +20,8 @@
 //! panics) interrupts imagectl commands of its own that still run, runs `imagectl destroy
 //! --fleet F` for every fleet it touched, and kills what is left of its QEMU processes.
 
+mod lock_race;
+
 use crate::publish::stderr;
 use crate::support::{
     agent_bin, cache_dir, heavy, imagectl_bin, offline_image, test_dir, workspace,

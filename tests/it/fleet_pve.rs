@@ -27,6 +27,7 @@ use std::process::{Command, Output};
 
 mod bench;
 mod faults;
+mod races;
 mod scopes;
 
 /// fakepve + GitLab fake + emulated guests + a working directory.

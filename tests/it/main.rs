@@ -1,6 +1,7 @@
 //! imagectl integration tests: one binary, one module per area.
 mod agent;
 mod agent_cli;
+mod bad_input;
 mod bake;
 mod docs;
 mod drift;
@@ -14,6 +15,7 @@ mod pipeline;
 mod publish;
 mod pve;
 mod pve_guest;
+mod pve_preflight;
 mod runner_double;
 mod seed;
 mod vm;

@@ -10,8 +10,10 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+mod clones;
 mod cluster;
 mod faults;
+mod names;
 
 /// A small qcow2 and its manifest in `dir`; returns the qcow2 path.
 pub(crate) fn image(dir: &Path, version: &str, boot_modes: &[&str]) -> PathBuf {
@@ -252,7 +254,8 @@ fn uefi_images_get_ovmf_an_efi_disk_and_the_asked_network() {
 fn from_url_lets_the_node_download_the_image() {
     let pve = FakePve::start();
     let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path(), "1.0", &["bios"]);
+    // A `+` in the version: PVE stores the download as `…1.0_b1.qcow2`.
+    let img = image(dir.path(), "1.0+b1", &["bios"]);
     let mut server = Command::new("python3")
         .args([
             "-u",
@@ -292,7 +295,12 @@ fn from_url_lets_the_node_download_the_image() {
     let st = pve.state();
     assert_eq!(st.uploads.len(), 1);
     assert_eq!(st.uploads[0].status, "stored");
+    assert_eq!(
+        st.uploads[0].filename,
+        "imagectl-gitlab-runner-1.0_b1.qcow2"
+    );
     assert!(pve.import_volumes().is_empty());
+    assert!(pve.vms()[0].template);
 }
 
 #[test]

@@ -387,6 +387,20 @@ impl FakePve {
         self.control("token", json!({"id": id, "secret": secret}));
     }
 
+    /// Makes `GET /version` report `version` (e.g. `8.3.2`).
+    pub fn set_version(&self, version: &str) {
+        self.control("version", json!({ "version": version }));
+    }
+
+    /// Grants `privs` on `path` to `user` (a user or `user@realm!token`). After the first grant
+    /// fakepve checks every call against the ACL, as PVE does.
+    pub fn grant(&self, user: &str, path: &str, privs: &[&str]) {
+        self.control(
+            "grant",
+            json!({ "user": user, "path": path, "privs": privs }),
+        );
+    }
+
     /// Revokes an API token (PVE answers 401 for it from now on).
     pub fn revoke_token(&self, id: &str) {
         self.control("token", json!({"id": id, "remove": true}));

@@ -23,10 +23,13 @@ pub fn generate(shell: Shell, out: &mut dyn Write) {
     clap_complete::generate(shell, &mut cmd, name, out);
 }
 
-/// Runs `imagectl completions`.
+/// Runs `imagectl completions`. The script is made in memory first (clap_complete panics when
+/// its writer fails), then written; a closed stdout ends the command quietly.
 pub fn run(_g: &Global, a: Args) -> anyhow::Result<i32> {
+    let mut script = Vec::new();
+    generate(a.shell, &mut script);
     let mut out = std::io::stdout().lock();
-    generate(a.shell, &mut out);
+    out.write_all(&script)?;
     out.flush()?;
     Ok(0)
 }

@@ -34,6 +34,18 @@ pub struct Args {
 pub fn run(g: &Global, a: Args) -> Result<i32> {
     let (s, choice) = setup(&a.fleet, &a.tune, true, a.image.as_deref())?;
     let count = a.count.or(s.file.fleet.count);
+    let max = s
+        .file
+        .fleet
+        .max_count
+        .unwrap_or(crate::fleet::settings::DEFAULT_MAX_COUNT);
+    if let Some(n) = count.filter(|n| *n > max) {
+        return Err(crate::error::input(format!(
+            "--count {n} is more than this fleet's maximum of {max} VMs; raise [fleet.{}] \
+             max_count in imagectl.toml if you mean it",
+            a.fleet.fleet
+        )));
+    }
     let report = runtime()?.block_on(async {
         s.preflight(Command::Deploy).await?;
         let mut f = s.fleet(g.quiet)?;

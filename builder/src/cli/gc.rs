@@ -115,9 +115,9 @@ pub fn run(g: &Global, a: Args) -> anyhow::Result<i32> {
         kept: Vec::new(),
         failed: Vec::new(),
     };
+    rt.block_on(s.preflight(crate::fleet::preflight::Command::Gc))?;
     match &s.gitlab {
         Some((gitlab, _)) => {
-            rt.block_on(s.preflight(crate::fleet::preflight::Command::Gc))?;
             let r = rt.block_on(crate::fleet::gc_orphans(
                 &s.provider,
                 gitlab,

@@ -19,11 +19,26 @@ pub struct Args {
 
 /// Runs `imagectl inspect`; exit code 1 when a hygiene check fails.
 pub fn run(g: &Global, a: Args) -> Result<i32> {
-    if !a.path.exists() {
-        return Err(crate::error::input(format!(
-            "{} does not exist",
-            a.path.display()
-        )));
+    match std::fs::metadata(&a.path) {
+        Err(_) => {
+            return Err(crate::error::input(format!(
+                "{} does not exist",
+                a.path.display()
+            )))
+        }
+        Ok(m) if m.is_dir() => {
+            return Err(crate::error::input(format!(
+                "{} is a directory; inspect takes a .qcow2 image or its .manifest.json",
+                a.path.display()
+            )))
+        }
+        Ok(m) if !m.is_file() => {
+            return Err(crate::error::input(format!(
+                "{} is not a regular file (a pipe or device); inspect takes a .qcow2 image",
+                a.path.display()
+            )))
+        }
+        Ok(_) => {}
     }
     if a.path.extension().and_then(|e| e.to_str()) == Some("json") {
         let m = Manifest::read(&a.path)?;

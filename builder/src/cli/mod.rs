@@ -147,6 +147,9 @@ pub fn command() -> clap::Command {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     init_tracing(cli.global.verbose);
+    // One TLS crypto provider for every client (reqwest is built without a default one), before
+    // any client exists, whatever the command and its settings.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
         Command::Build(a) => build::run(&cli.global, a),
         Command::Fetch(a) => fetch::run(&cli.global, a),
@@ -167,11 +170,21 @@ pub fn main() -> i32 {
     };
     match result {
         Ok(code) => code,
+        // stdout closed early (`imagectl … | head`): stop quietly, as other tools do.
+        Err(err) if is_broken_pipe(&err) => 0,
         Err(err) => {
             eprintln!("error: {err:#}");
             crate::error::exit_code(&err)
         }
     }
+}
+
+/// True when writing stdout failed because its reader went away.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn init_tracing(verbose: u8) {
@@ -185,6 +198,7 @@ fn init_tracing(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .with_target(false)
         .try_init();

@@ -156,6 +156,7 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         memory: a.memory.or(p.memory).unwrap_or(2048),
         vmid_range: settings.vmid_range,
     };
+    check_pve_names(&req)?;
     if let Some(v) = req.vlan {
         if !(1..=4094).contains(&v) {
             return Err(crate::error::input(format!(
@@ -164,9 +165,99 @@ pub fn run(g: &Global, a: Args) -> Result<i32> {
         }
     }
     let progress = g.progress();
-    let report = runtime()?.block_on(crate::publish::publish(&client, &req, &progress))?;
+    let rt = runtime()?;
+    rt.block_on(publish_preflight(&client, &req))?;
+    let report = rt.block_on(crate::publish::publish(&client, &req, &progress))?;
     g.emit(&report, text)?;
     Ok(0)
+}
+
+/// Names and sizes go into PVE parameters (`net0=virtio,bridge=…`, storage ids, node paths), so
+/// each must have PVE's own form (pve-common `src/PVE/JSONSchema.pm`: `parse_id` for storage
+/// ids, `pve_verify_node_name`, the `pve-bridge-id` format) before anything is sent: a comma in
+/// a bridge would add options to `net0`, a `/` in a storage or node would change the API path.
+fn check_pve_names(req: &PublishRequest) -> Result<()> {
+    use crate::error::input;
+    let storage_id = |s: &str| {
+        let b = s.as_bytes();
+        !b.is_empty()
+            && b[0].is_ascii_alphabetic()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(c))
+    };
+    for (flag, v) in [
+        ("--storage", &req.storage),
+        ("--import-storage", &req.import_storage),
+    ] {
+        if !storage_id(v) {
+            return Err(input(format!(
+                "{flag} {v:?} is not a Proxmox storage id (a letter, then letters, digits, - _ .)"
+            )));
+        }
+    }
+    if let Some(n) = &req.node {
+        let ok = !n.is_empty()
+            && n.len() <= 63
+            && !n.starts_with('-')
+            && !n.ends_with('-')
+            && n.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-');
+        if !ok {
+            return Err(input(format!(
+                "--node {n:?} is not a Proxmox node name (letters, digits and -)"
+            )));
+        }
+    }
+    let bridge = &req.bridge;
+    if bridge.is_empty()
+        || !bridge
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+    {
+        return Err(input(format!(
+            "--bridge {bridge:?} is not a bridge name (letters, digits, - _ .)"
+        )));
+    }
+    if !(1..=512).contains(&req.cores) {
+        return Err(input(format!("--cores {}: use 1 to 512", req.cores)));
+    }
+    if !(256..=4_194_304).contains(&req.memory) {
+        return Err(input(format!(
+            "--memory {} MiB: use 256 to 4194304",
+            req.memory
+        )));
+    }
+    Ok(())
+}
+
+/// Version and privileges before anything is uploaded ([`crate::remote::pve::access`]).
+async fn publish_preflight(
+    client: &crate::remote::pve::PveClient,
+    req: &PublishRequest,
+) -> Result<()> {
+    use crate::remote::pve::access::{preflight, publish_needs, Feature};
+    let nodes: Vec<String> = match (&req.node, req.from_url.is_some()) {
+        (_, false) => Vec::new(),
+        (Some(n), true) => vec![n.clone()],
+        (None, true) => client
+            .nodes()
+            .await
+            .context("listing the cluster's nodes")?
+            .into_iter()
+            .filter(|n| n.online())
+            .map(|n| n.node)
+            .collect(),
+    };
+    preflight(client, "publish", &[Feature::ImportImage], |_| {
+        publish_needs(
+            &req.import_storage,
+            &req.storage,
+            &nodes,
+            req.from_url.is_some(),
+        )
+    })
+    .await?;
+    Ok(())
 }
 
 fn text(r: &PublishReport) -> String {

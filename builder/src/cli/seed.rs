@@ -72,14 +72,26 @@ pub fn read_token(file: Option<&Path>) -> Result<seed::Secret> {
         Some(p) => {
             let meta = std::fs::metadata(p)
                 .map_err(|e| input(format!("cannot read token file {}: {e}", p.display())))?;
+            if !meta.is_file() {
+                return Err(input(format!(
+                    "--token-file {} is not a regular file; pass the file that holds the runner token",
+                    p.display()
+                )));
+            }
+            if meta.len() > 4096 {
+                return Err(input(format!(
+                    "--token-file {} is {} bytes; a runner token file holds one short line",
+                    p.display(),
+                    meta.len()
+                )));
+            }
             if meta.permissions().mode() & 0o077 != 0 {
                 tracing::warn!(
                     "token file {} is readable by group or others; chmod 600 it",
                     p.display()
                 );
             }
-            std::fs::read_to_string(p)
-                .map_err(|e| input(format!("cannot read token file {}: {e}", p.display())))?
+            crate::util::read_text_input(p, "--token-file", 4096)?
         }
         None => std::env::var(TOKEN_ENV).map_err(|_| {
             input(format!(
@@ -93,6 +105,19 @@ pub fn read_token(file: Option<&Path>) -> Result<seed::Secret> {
     }
     if token.lines().count() > 1 {
         return Err(input("the token file must hold the token on a single line"));
+    }
+    // Only the runner's own authentication token may go into a VM (GitLab's
+    // `Ci::Runner::CREATED_RUNNER_TOKEN_PREFIX`, app/models/ci/runner.rb); a personal, group or
+    // project access token there would hand the whole account to every job.
+    if !token.starts_with("glrt-") {
+        let kind = if token.starts_with("glpat-") {
+            "a personal, group or project access token (glpat-)"
+        } else {
+            "not a runner authentication token"
+        };
+        return Err(input(format!(
+            "the runner token is {kind}; a seed takes the token of a runner created in GitLab (glrt-…)"
+        )));
     }
     Ok(seed::Secret::new(token))
 }
@@ -111,6 +136,9 @@ pub fn agent_from_flags(
     }
     let url =
         gitlab_url.ok_or_else(|| input("--runner-id/--token-file need --gitlab-url as well"))?;
+    let url = crate::remote::gitlab::normalize_url(url)
+        .map_err(|e| input(format!("--gitlab-url: {e}")))?;
+    let url = url.as_str();
     let id = runner_id.ok_or_else(|| input("--gitlab-url needs --runner-id as well"))?;
     let token = read_token(token_file)?;
     let ca = match ca_bundle {

@@ -35,6 +35,11 @@ pub fn run(_g: &Global, a: Args) -> Result<i32> {
                 .with_context(|| format!("writing {}", p.display()))?;
             tmp.write_all(text.as_bytes())
                 .with_context(|| format!("writing {}", p.display()))?;
+            // Prometheus runs as its own user and must read the file (targets hold no secret).
+            use std::os::unix::fs::PermissionsExt;
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))
+                .with_context(|| format!("making {} readable", p.display()))?;
             tmp.persist(&p)
                 .with_context(|| format!("replacing {}", p.display()))?;
         }

@@ -50,10 +50,12 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub timeout: u64,
     /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 2048)]
+    #[arg(long, value_name = "MIB", default_value_t = 2048,
+          value_parser = clap::value_parser!(u32).range(256..=1_048_576))]
     pub memory: u32,
     /// Guest CPUs.
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
     pub cpus: u32,
     /// Keep each boot's work directory (serial log, overlay disk) and print where it is.
     #[arg(long)]

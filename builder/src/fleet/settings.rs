@@ -25,6 +25,7 @@
 //! [fleet.ci]
 //! provider = "local"                          # or proxmox
 //! count = 3
+//! max_count = 100                             # the largest --count accepted
 //! image = "latest"
 //! memory = 1024                               # MiB per VM
 //! cpus = 2
@@ -42,7 +43,7 @@
 
 use crate::error::input;
 use crate::remote::gitlab::normalize_url;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use imagectl_proto::{DockerExecutor, Secret};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -89,6 +90,9 @@ pub struct GitlabSection {
     pub retry_budget: Option<u64>,
 }
 
+/// The largest fleet `deploy --count` accepts unless `[fleet.NAME] max_count` raises it.
+pub const DEFAULT_MAX_COUNT: usize = 100;
+
 /// `[fleet.NAME]` in the settings file.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,6 +101,8 @@ pub struct FleetSection {
     pub provider: Option<String>,
     /// Default `--count`.
     pub count: Option<usize>,
+    /// The largest `--count` accepted (default [`DEFAULT_MAX_COUNT`]).
+    pub max_count: Option<usize>,
     /// Default `--image`.
     pub image: Option<String>,
     /// Memory per VM (MiB).
@@ -231,8 +237,7 @@ pub struct GitlabFlags {
 }
 
 fn read_secret_file(p: &Path) -> Result<Secret> {
-    let text = fs_err::read_to_string(p)
-        .with_context(|| format!("reading the GitLab token file {}", p.display()))?;
+    let text = crate::util::read_text_input(p, "--gitlab-token-file", 4096)?;
     use std::os::unix::fs::PermissionsExt;
     if std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
         eprintln!(

@@ -110,6 +110,9 @@ pub struct Setup {
     pub opts: FleetOptions,
     /// Private seed staging directory.
     pub seed_dir: PathBuf,
+    /// Proxmox: (VM pool, lock pool, seed storage) for the privilege preflight; pools are
+    /// `None` for commands over every fleet.
+    pub pve_scope: Option<(Option<String>, Option<String>, String, bool)>,
 }
 
 fn env(k: &str) -> Option<String> {
@@ -239,6 +242,8 @@ fn resolve(
         .unwrap_or_default();
     let provider = match kind {
         ProviderKind::Local => {
+            // IMAGECTL_ACCEL is checked now, not when the first VM boots (after its runner exists).
+            crate::vm::Accel::from_env_or(accel)?;
             let local = LocalProvider::new(LocalOptions {
                 state_dir: state_dir.clone(),
                 images_dir,
@@ -270,6 +275,27 @@ fn resolve(
                 },
             ))
         }
+    };
+    let pve_scope = match &provider {
+        AnyProvider::Proxmox(_) => {
+            let fleet = (!a.fleet.is_empty()).then(|| a.fleet.clone());
+            let named = a.pve_fleet.pool.clone().or_else(|| fs.pool.clone());
+            let user_pool = named.is_some();
+            let pool = named.or_else(|| fleet.as_ref().map(|f| format!("imagectl-{f}")));
+            let seed_storage = a
+                .pve_fleet
+                .seed_storage
+                .clone()
+                .or_else(|| fs.seed_storage.clone())
+                .unwrap_or_else(|| "local".into());
+            Some((
+                pool,
+                fleet.map(|f| format!("imagectl-lock-{f}")),
+                seed_storage,
+                user_pool,
+            ))
+        }
+        AnyProvider::Local(_) => None,
     };
     let seed_dir = match &provider {
         AnyProvider::Local(l) => l.seeds_dir(),
@@ -313,6 +339,7 @@ fn resolve(
             gitlab,
             opts,
             seed_dir,
+            pve_scope,
         },
         choice,
     ))
@@ -322,6 +349,35 @@ impl Setup {
     /// The GitLab token preflight for `cmd` ([`super::preflight`]), when GitLab is configured:
     /// exits 2 before anything is made when a needed scope is missing; warns about optional ones.
     pub async fn preflight(&self, cmd: super::preflight::Command) -> Result<()> {
+        if let (AnyProvider::Proxmox(p), Some((pool, lock, seeds, user_pool))) =
+            (&self.provider, &self.pve_scope)
+        {
+            use crate::remote::pve::access::{fleet_needs, pool_exists, preflight, Feature};
+            let mutating = cmd != super::preflight::Command::Status;
+            let exists = match pool {
+                Some(id) if mutating => pool_exists(p.client(), id).await,
+                _ => true,
+            };
+            preflight(p.client(), cmd.name(), &[Feature::PoolById], |v| {
+                if !mutating {
+                    return Vec::new();
+                }
+                let mut needs = fleet_needs(
+                    v,
+                    pool.as_deref().unwrap_or(""),
+                    lock.as_deref().unwrap_or(""),
+                    seeds,
+                    !exists || !user_pool,
+                );
+                // Over every fleet (gc without --fleet) there is no one pool to check.
+                needs.retain(|n| n.paths.iter().all(|p| p != "/pool/"));
+                for n in &mut needs {
+                    n.paths.retain(|p| p != "/pool/");
+                }
+                needs
+            })
+            .await?;
+        }
         if let Some((gitlab, _)) = &self.gitlab {
             let p = super::preflight::check(gitlab, cmd).await?;
             for w in &p.warnings {

@@ -69,6 +69,8 @@ pub struct LocalProvider {
     opts: LocalOptions,
     state: StateDir,
     relay_port: Option<u16>,
+    /// Renews the fleet locks this provider holds (shared by its clones).
+    renewer: std::sync::Arc<super::lease::Renewer>,
 }
 
 /// The port of a loopback GitLab URL (`http://127.0.0.1:PORT`, `localhost`, `[::1]`), if it is one.
@@ -91,6 +93,7 @@ impl LocalProvider {
             opts,
             state,
             relay_port,
+            renewer: Default::default(),
         })
     }
 
@@ -520,11 +523,18 @@ impl Provider for LocalProvider {
     }
 
     async fn lock(&self, fleet: &str, ttl: Duration) -> Result<FleetLock> {
-        self.state.lock(fleet, ttl)
+        let l = self.state.lock(fleet, ttl).await?;
+        // Renewed while this command runs (the pid keeps it on this host; the expiry elsewhere).
+        self.renewer.start(
+            &l.owner,
+            super::lease::renew_loop(self.state.locks(), state::lock_id(fleet), l.clone(), ttl),
+        );
+        Ok(l)
     }
 
     async fn unlock(&self, lock: &FleetLock) -> Result<()> {
-        self.state.unlock(lock)
+        self.renewer.stop(&lock.owner);
+        self.state.unlock(lock).await
     }
 }
 

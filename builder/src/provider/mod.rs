@@ -15,6 +15,7 @@
 //! `detach_seed` of a seed that is gone and `unlock` of a lock that is gone all succeed.
 
 pub mod any;
+pub mod lease;
 pub mod local;
 pub mod proxmox;
 

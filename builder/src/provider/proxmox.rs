@@ -3,8 +3,9 @@
 //! * **Images** are the ready templates (`imagectl images`); one version may exist on several
 //!   nodes (local storage, `publish --all-nodes`) — then VMs are placed only on those nodes — or
 //!   once on shared storage, which every node can clone from (`target`).
-//! * **Create**: `POST …/clone` (linked; `full=1` with `--full`) with a VM id from the
-//!   configured range, taken again when PVE says it already exists; then tags
+//! * **Create**: `POST …/clone` (linked; `full=1` with `--full`) with a VM id claimed in the
+//!   process and checked with PVE ([`vmids`]), another one after a backoff when it turns out
+//!   taken; then tags
 //!   (`imagectl;fleet-<name>;image-<version>`), notes (fleet, runner id, image sha256, created)
 //!   and sizing. Lock timeouts are retried by the client.
 //! * **Seed**: uploaded with `content=iso` to the seed storage (default `local`) of the VM's
@@ -13,12 +14,14 @@
 //!   the runner is online.
 //! * **Status**: the agent's `status.json` read through the QEMU guest agent (`file-read`).
 //! * **Pool**: the VMs of a fleet join the resource pool `imagectl-<fleet>` (or `--pool`), made on
-//!   first use and removed once empty, so permissions can be scoped to `/pool/…`.
+//!   first use (read first: an existing pool needs no `Pool.Allocate`) and removed once empty,
+//!   so permissions can be scoped to `/pool/…`.
 //! * **Lock**: a second, empty pool per fleet while a command changes it ([`lock`]).
 
 mod clone;
 pub mod facts;
 pub mod lock;
+pub mod vmids;
 
 use super::{
     CreateVm, Endpoint, FleetLock, ImageInfo, NodeInfo, Provider, SeedRef, VmInfo, VmState,
@@ -31,7 +34,7 @@ use facts::VmFacts;
 use futures_util::stream::{self, StreamExt};
 use imagectl_proto::{AgentStatus, STATUS_PATH};
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -55,7 +58,9 @@ pub struct ProxmoxProvider {
     pve: PveClient,
     opts: ProxmoxOptions,
     /// VM ids this process is cloning to (two clones of one run never race for one id).
-    claimed: std::sync::Mutex<HashSet<u32>>,
+    vmids: vmids::VmIds,
+    /// Renews the fleet locks this provider holds.
+    renewer: super::lease::Renewer,
 }
 
 #[derive(Deserialize)]
@@ -70,7 +75,8 @@ impl ProxmoxProvider {
         Self {
             pve,
             opts,
-            claimed: Default::default(),
+            vmids: Default::default(),
+            renewer: Default::default(),
         }
     }
 
@@ -527,10 +533,22 @@ impl Provider for ProxmoxProvider {
     }
 
     async fn lock(&self, fleet: &str, ttl: Duration) -> Result<FleetLock> {
-        lock::lock(&self.pve, fleet, ttl).await
+        let l = lock::lock(&self.pve, fleet, ttl).await?;
+        // Renewed while this command runs, so a rollout longer than the ttl keeps it.
+        self.renewer.start(
+            &l.owner,
+            super::lease::renew_loop(
+                lock::PoolStore::new(&self.pve),
+                lock::pool_id(fleet),
+                l.clone(),
+                ttl,
+            ),
+        );
+        Ok(l)
     }
 
     async fn unlock(&self, l: &FleetLock) -> Result<()> {
+        self.renewer.stop(&l.owner);
         if let Err(e) = self.remove_pool_if_empty(&l.fleet).await {
             tracing::warn!("{e:#}");
         }

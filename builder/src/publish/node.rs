@@ -27,7 +27,7 @@ pub fn disk_storages(cfg: &crate::remote::pve::api::VmConfig) -> Vec<String> {
         .collect()
 }
 
-fn is_disk_key(k: &str) -> bool {
+pub(super) fn is_disk_key(k: &str) -> bool {
     let base = k.trim_end_matches(|c: char| c.is_ascii_digit());
     base.len() < k.len()
         && matches!(
@@ -105,8 +105,9 @@ pub(super) async fn publish_on(
     }
 
     find_storage(pve, node, &req.import_storage, "import").await?;
+    // The name PVE stores it under (normalised); the volume id PVE reports replaces it below.
     let filename = import_filename(&m.name, &m.version);
-    let volid = format!("{}:import/{filename}", req.import_storage);
+    let expected = super::import::expected_volid(&req.import_storage, &filename);
     let started = std::time::Instant::now();
     let mut uploaded_bytes = 0;
     let upid = if let Some(url) = &req.from_url {
@@ -143,14 +144,20 @@ pub(super) async fn publish_on(
         uploaded_bytes = size;
         upid
     };
+    // From here the task may store the file even if this run stops waiting: clean it up then.
+    set(created, |c| {
+        c.import = Some((node.to_string(), expected.clone()))
+    });
     let stage = progress.stage(&format!("template {node}"));
     stage.message("PVE verifies the image checksum");
     pve.wait_task(&upid, pve.options().task_timeout)
         .await
         .with_context(|| {
-            format!("storing {volid} on {node} (PVE checks the sha256 and the image)")
+            format!("storing {expected} on {node} (PVE checks the sha256 and the image)")
         })?;
     let upload_seconds = started.elapsed().as_secs_f64();
+    let volid =
+        super::import::stored_volid(pve, node, &req.import_storage, &upid, &filename).await?;
     set(created, |c| {
         c.import = Some((node.to_string(), volid.clone()))
     });
@@ -183,14 +190,12 @@ pub(super) async fn publish_on(
     set(created, |c| c.vm = None);
 
     stage.message(format!("removing {volid}"));
-    match pve.delete_volume(node, &volid).await {
-        Ok(()) => set(created, |c| c.import = None),
-        Err(e) => {
-            set(created, |c| c.import = None);
-            let w = format!("the template is ready, but removing {volid} on {node} failed: {e}");
-            eprintln!("warning: {w}");
-            warnings.push(w);
-        }
+    let removed = super::import::remove(pve, node, &volid).await;
+    set(created, |c| c.import = None);
+    if let Err(e) = removed {
+        let w = format!("the template is ready, but the import volume stays: {e}");
+        eprintln!("warning: {w}");
+        warnings.push(w);
     }
     stage.done(format!("{name} is template {vmid}{transfer}"));
     Ok(NodeResult {

@@ -1,9 +1,10 @@
 //! Which image versions are published where, which VMs use each, and what `gc` may delete.
 //!
-//! A VM uses a template when it carries the `image-<version>` tag, when its notes carry the image's
-//! sha256 (clones copy the notes), or when one of its disks is a linked clone of the template's
-//! base volume (`…:base-<vmid>-disk-N/vm-…`). When the config of some VM cannot be read, usage is
-//! unknown and `gc` deletes nothing.
+//! A VM uses a template when (first) its tags or notes say so: the `image-<version>` tag, the
+//! image's sha256 in its notes, or `imagectl-template: <vmid>` in them — `clone_vm` (qemu-server
+//! `src/PVE/API2/Qemu.pm`) copies tags and notes into a clone. Then by its disks: see
+//! [`clone_of`]. When the config of some VM cannot be read, usage is unknown and `gc` deletes
+//! nothing.
 
 use super::{version_tag, Notes};
 use crate::remote::pve::api::{Guest, VmConfig};
@@ -113,16 +114,16 @@ pub async fn list_images(pve: &PveClient) -> Result<Listing> {
         let version = notes.version.clone().unwrap_or_default();
         let sha = notes.sha256.clone().unwrap_or_default();
         let tag = version_tag(&version);
-        let base = format!("base-{}-", g.vmid);
         let mut used_by: Vec<u32> = configs
             .iter()
             .filter(|(u, _)| u.vmid != g.vmid && !ours.contains(&u.vmid))
             .filter(|(u, ucfg)| {
                 u.has_tag(&tag)
                     || ucfg.as_ref().is_ok_and(|c| {
-                        (!sha.is_empty() && c.get("description").is_some_and(|d| d.contains(&sha)))
-                            || c.values()
-                                .any(|v| v.split(',').next().is_some_and(|vol| vol.contains(&base)))
+                        let d = c.get("description").map_or("", String::as_str);
+                        (!sha.is_empty() && d.contains(&sha))
+                            || Notes::parse(d).template_vmid == Some(g.vmid)
+                            || clone_of(&g.node, cfg, &u.node, c)
                     })
             })
             .map(|(u, _)| u.vmid)
@@ -154,6 +155,54 @@ pub async fn list_images(pve: &PveClient) -> Result<Listing> {
         (&a.name, &b.built_at, &a.node, a.vmid).cmp(&(&b.name, &a.built_at, &b.node, b.vmid))
     });
     Ok(Listing { images, problems })
+}
+
+/// The volume ids of a VM's disks (no CD-ROMs).
+fn disk_volids(cfg: &VmConfig) -> Vec<&str> {
+    cfg.iter()
+        .filter(|(k, v)| super::node::is_disk_key(k) && !v.contains("media=cdrom"))
+        .filter_map(|(_, v)| v.split(',').next())
+        .filter(|v| v.contains(':'))
+        .collect()
+}
+
+/// True when the disks of VM `cfg` (on `node`) show it to be a clone of template `tcfg` (on
+/// `tnode`), for VMs whose tags and notes were changed.
+///
+/// * Where a linked clone's volume id names its base — pve-storage `clone_image` of
+///   `src/PVE/Storage/Plugin.pm` (dir, NFS, CIFS, qcow2 on BTRFS:
+///   `STORE:100/base-100-disk-0.qcow2/101/vm-101-disk-0.qcow2`), `ZFSPoolPlugin.pm` and
+///   `RBDPlugin.pm` (`STORE:base-100-disk-0/vm-101-disk-0`) — it starts with the template's
+///   volume id and a `/`.
+/// * On LVM-thin it does not: `LvmThinPlugin.pm` `clone_image` returns a plain
+///   `vm-101-disk-0`, a thin snapshot whose origin only LVM itself knows (`lvs -o origin`): its
+///   `list_images` reports no parent and `Storage.pm` `vdisk_free` notes that "LVM-thin allows
+///   deletion of still referenced base volumes". Raw images on BTRFS (`BTRFSPlugin.pm`) and RBD
+///   clones of a snapshot are alike. What the API does show is the `meta` option
+///   (`creation-qemu=…,ctime=…`), which qemu-server's create worker writes once
+///   (`src/PVE/API2/Qemu.pm`, `MetaInfo.pm` `new_meta_info_string`) and `clone_vm` copies as it
+///   is: a VM on the template's node with the template's `meta` and a disk on a storage of the
+///   template's disks is taken for its clone. This errs on keeping: a full clone counts too,
+///   and so does every template created on that node in the same second (`ctime` has seconds).
+pub fn clone_of(tnode: &str, tcfg: &VmConfig, node: &str, cfg: &VmConfig) -> bool {
+    let bases = disk_volids(tcfg);
+    let disks = disk_volids(cfg);
+    let names_base = disks.iter().any(|d| {
+        bases
+            .iter()
+            .any(|b| d.strip_prefix(b).is_some_and(|rest| rest.starts_with('/')))
+    });
+    if names_base {
+        return true;
+    }
+    let meta = |c: &VmConfig| c.get("meta").filter(|m| m.contains("ctime=")).cloned();
+    let storage = |v: &str| v.split(':').next().unwrap_or_default().to_string();
+    tnode == node
+        && meta(tcfg).is_some()
+        && meta(tcfg) == meta(cfg)
+        && disks
+            .iter()
+            .any(|d| bases.iter().any(|b| storage(b) == storage(d)))
 }
 
 /// What `gc` will do.
@@ -257,6 +306,51 @@ mod tests {
             ..l
         };
         assert!(gc_plan(&blocked, 1, None, true).delete.is_empty());
+    }
+
+    fn cfg(pairs: &[(&str, &str)]) -> VmConfig {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn linked_clones_are_found_by_volume_name_or_by_meta() {
+        let meta = "creation-qemu=9.2.0,ctime=1750000000";
+        let lvm = cfg(&[
+            ("scsi0", "local-lvm:base-100-disk-0,size=2G"),
+            ("efidisk0", "local-lvm:base-100-disk-1,size=4M"),
+            ("meta", meta),
+        ]);
+        // LVM-thin: the clone's volume names no base; meta (copied by clone_vm) does the work.
+        let clone = cfg(&[("scsi0", "local-lvm:vm-101-disk-0,size=2G"), ("meta", meta)]);
+        assert!(clone_of("pve1", &lvm, "pve1", &clone));
+        assert!(!clone_of("pve1", &lvm, "pve2", &clone), "another node's VM");
+        let other = cfg(&[
+            ("scsi0", "local-lvm:vm-102-disk-0,size=2G"),
+            ("meta", "creation-qemu=9.2.0,ctime=1750000001"),
+        ]);
+        assert!(!clone_of("pve1", &lvm, "pve1", &other));
+        let elsewhere = cfg(&[("scsi0", "ceph-vm:vm-103-disk-0"), ("meta", meta)]);
+        assert!(!clone_of("pve1", &lvm, "pve1", &elsewhere));
+        // dir/NFS (Plugin.pm), ZFS and RBD: the volume id starts with the base's.
+        let dir = cfg(&[("scsi0", "local:100/base-100-disk-0.qcow2,size=2G")]);
+        let dir_clone = cfg(&[(
+            "scsi0",
+            "local:100/base-100-disk-0.qcow2/101/vm-101-disk-0.qcow2,size=2G",
+        )]);
+        assert!(clone_of("pve1", &dir, "pve2", &dir_clone));
+        let rbd = cfg(&[("virtio0", "ceph-vm:base-100-disk-0,size=2G")]);
+        let rbd_clone = cfg(&[("virtio0", "ceph-vm:base-100-disk-0/vm-101-disk-0")]);
+        assert!(clone_of("pve1", &rbd, "pve3", &rbd_clone));
+        let not = cfg(&[("scsi0", "ceph-vm:base-1000-disk-0/vm-101-disk-0")]);
+        assert!(
+            !clone_of("pve1", &rbd, "pve1", &not),
+            "base-1000 is not base-100"
+        );
+        let cdrom = cfg(&[("ide2", "ceph-vm:base-100-disk-0/x,media=cdrom")]);
+        assert!(!clone_of("pve1", &rbd, "pve1", &cdrom));
     }
 
     #[test]

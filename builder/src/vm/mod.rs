@@ -97,7 +97,11 @@ impl Accel {
     /// `IMAGECTL_ACCEL` when set, else `requested`.
     pub fn from_env_or(requested: Accel) -> Result<Accel> {
         match std::env::var(ACCEL_ENV) {
-            Ok(v) if !v.trim().is_empty() => v.parse(),
+            Ok(v) if !v.trim().is_empty() => v.parse().map_err(|_| {
+                crate::error::input(format!(
+                    "{ACCEL_ENV}={v:?} is not an accelerator: use tcg, kvm or auto (or unset it)"
+                ))
+            }),
             _ => Ok(requested),
         }
     }

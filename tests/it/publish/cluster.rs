@@ -149,7 +149,8 @@ fn images_counts_users_and_gc_never_deletes_a_template_in_use() {
         let out = json_out(&publish(&pve, dir.path(), &img, &[]));
         ids.push(out["results"][0]["vmid"].as_u64().unwrap() as u32);
     }
-    // 1.0 is used by a runner VM (tag); 2.0 by a linked clone of its base volume.
+    // 1.0 is used by a runner VM (tag); 2.0 by a disk whose volume id names its base volume (the
+    // ZFS/RBD form; real LVM-thin clones are `vm-N-disk-0`: see clones.rs).
     pve.add_vm(
         500,
         "runner-a",

@@ -300,3 +300,30 @@ fn pin_ca_file_and_insecure() {
         assert!(stderr(&o).contains("warning: --insecure"), "{}", stderr(&o));
     }
 }
+
+#[test]
+fn token_ids_follow_pves_grammar() {
+    let pve = FakePve::start();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "0b4f2a77-1c2d-4e5f-8a9b-0123456789ab";
+    // pve-access-control allows any user name without whitespace, `:` or `/`.
+    pve.set_token("ci+bot@pve!ci", secret);
+    let mut env = pve.env();
+    env[1].1 = format!("ci+bot@pve!ci={secret}");
+    let o = run(&pve, dir.path(), &env, &["images", "-o", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (id, why) in [
+        ("ci bot@pve!ci", "user name"),
+        ("ci/bot@pve!ci", "user name"),
+        ("cibot@1pve!ci", "realm"),
+        ("cibot@pve!c+i", "token id"),
+        ("cibot@pve", "!TOKENID"),
+    ] {
+        env[1].1 = format!("{id}={secret}");
+        let o = run(&pve, dir.path(), &env, &["images"]);
+        assert_eq!(o.status.code(), Some(2), "{id}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(e.contains("malformed") && e.contains(why), "{id}: {e}");
+        assert!(!e.contains(secret) && !e.contains("panicked"), "{e}");
+    }
+}

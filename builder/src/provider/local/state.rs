@@ -12,6 +12,7 @@
 //!   seeds/                        private (0700) staging for seed ISOs before they are attached
 //! ```
 
+use crate::provider::lease::{self, LeaseStore, Taken};
 use crate::provider::{now_rfc3339, parse_rfc3339, rfc3339, FleetLock, VmInfo};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -161,9 +162,16 @@ impl StateDir {
         Ok(out)
     }
 
-    /// Takes the fleet lock (a file created exclusively). A lock whose holder is dead (same host)
-    /// or expired is taken over.
-    pub fn lock(&self, fleet: &str, ttl: Duration) -> Result<FleetLock> {
+    /// The lease store of the fleet locks (`locks/`).
+    pub fn locks(&self) -> FileStore {
+        FileStore {
+            dir: self.root.join("locks"),
+        }
+    }
+
+    /// Takes the fleet lock (a file created exclusively, see [`FileStore`]). A lock whose holder
+    /// is dead (same host) or expired is taken over, by one taker only ([`lease`]).
+    pub async fn lock(&self, fleet: &str, ttl: Duration) -> Result<FleetLock> {
         let path = self.lock_file(fleet);
         let now = time::OffsetDateTime::now_utc();
         let mine = FleetLock {
@@ -174,52 +182,118 @@ impl StateDir {
             acquired_at: now_rfc3339(),
             expires_at: rfc3339(now + ttl),
         };
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    serde_json::to_writer(&mut f, &mine).context("writing the fleet lock")?;
-                    return Ok(mine);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let held: Option<FleetLock> = std::fs::read_to_string(&path)
-                        .ok()
-                        .and_then(|t| serde_json::from_str(&t).ok());
-                    match held {
-                        Some(h) if lock_is_live(&h) => bail!(
-                            "fleet {fleet} is locked by pid {} on {} since {} (another imagectl is \
-                             changing it; if that process is gone, remove {})",
-                            h.pid,
-                            h.host,
-                            h.acquired_at,
-                            path.display()
-                        ),
-                        _ => {
-                            tracing::warn!("taking over the stale lock of fleet {fleet}");
-                            let _ = std::fs::remove_file(&path);
-                        }
-                    }
-                }
-                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
-            }
+        match lease::acquire(&self.locks(), &lock_id(fleet), &mine).await? {
+            Taken::Mine => Ok(mine),
+            Taken::Held(h) | Taken::Busy { taker: h, .. } => bail!(
+                "fleet {fleet} is locked by pid {} on {} since {} (another imagectl is \
+                 changing it; if that process is gone, remove {})",
+                h.pid,
+                h.host,
+                h.acquired_at,
+                path.display()
+            ),
+            Taken::Foreign => bail!(
+                "{} is not a readable fleet lock; remove it if no imagectl is changing fleet {fleet}",
+                path.display()
+            ),
         }
-        bail!("fleet {fleet} is being locked by another imagectl right now; try again")
     }
 
     /// Removes the fleet lock if `lock` still owns it.
-    pub fn unlock(&self, lock: &FleetLock) -> Result<()> {
-        let path = self.lock_file(&lock.fleet);
-        let held: Option<FleetLock> = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
-        if held.is_some_and(|h| h.owner == lock.owner) {
-            fs_err::remove_file(&path).context("removing the fleet lock")?;
-        }
+    pub async fn unlock(&self, lock: &FleetLock) -> Result<()> {
+        lease::release(&self.locks(), &lock_id(&lock.fleet), &lock.owner).await?;
         Ok(())
+    }
+}
+
+/// The lease id (file name under `locks/`) of a fleet's lock.
+pub fn lock_id(fleet: &str) -> String {
+    format!("{fleet}.lock")
+}
+
+/// Leases as files in one directory. A lease file appears with its content in one step: it is
+/// written to a private temporary file, then hard-linked to its name (`link(2)` fails with
+/// EEXIST when the name exists), so no reader sees a half-written lock. Renewal renames a new
+/// file over it.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+impl FileStore {
+    fn path(&self, id: &str) -> Result<PathBuf> {
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            bail!("not a lock name: {id:?}");
+        }
+        Ok(self.dir.join(id))
+    }
+
+    /// Writes `l` to a new private temporary file in the directory.
+    fn staged(&self, id: &str, l: &FleetLock) -> Result<PathBuf> {
+        let tmp = self.dir.join(format!(
+            ".{id}.{}.{}.tmp",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        let written = serde_json::to_writer(&mut f, l)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| f.sync_all().map_err(anyhow::Error::from));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("writing {}", tmp.display()));
+        }
+        Ok(tmp)
+    }
+}
+
+impl LeaseStore for FileStore {
+    async fn create(&self, id: &str, l: &FleetLock) -> Result<bool> {
+        let path = self.path(id)?;
+        let tmp = self.staged(id, l)?;
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+        }
+    }
+
+    async fn read(&self, id: &str) -> Result<Option<Option<FleetLock>>> {
+        let path = self.path(id)?;
+        match std::fs::read_to_string(&path) {
+            Ok(t) => Ok(Some(serde_json::from_str(&t).ok())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    async fn delete(&self, id: &str) -> Result<()> {
+        let path = self.path(id)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+
+    async fn replace(&self, id: &str, l: &FleetLock) -> Result<()> {
+        let path = self.path(id)?;
+        let tmp = self.staged(id, l)?;
+        std::fs::rename(&tmp, &path).with_context(|| {
+            let _ = std::fs::remove_file(&tmp);
+            format!("renewing {}", path.display())
+        })
+    }
+
+    fn live(&self, h: &FleetLock) -> bool {
+        lock_is_live(h)
     }
 }
 
@@ -249,30 +323,35 @@ pub fn hostname() -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn lock_is_exclusive_and_taken_over_when_stale() {
+    #[tokio::test(flavor = "current_thread")]
+    async fn lock_is_exclusive_and_taken_over_when_stale() {
         let d = tempfile::tempdir().unwrap();
         let st = StateDir::open(d.path()).unwrap();
-        let l = st.lock("ci", Duration::from_secs(60)).unwrap();
-        let e = st.lock("ci", Duration::from_secs(60)).unwrap_err();
+        let l = st.lock("ci", Duration::from_secs(60)).await.unwrap();
+        let e = st.lock("ci", Duration::from_secs(60)).await.unwrap_err();
         assert!(e.to_string().contains("locked by pid"), "{e}");
         // Another fleet is independent.
-        let other = st.lock("other", Duration::from_secs(60)).unwrap();
-        st.unlock(&other).unwrap();
-        st.unlock(&l).unwrap();
+        let other = st.lock("other", Duration::from_secs(60)).await.unwrap();
+        st.unlock(&other).await.unwrap();
+        st.unlock(&l).await.unwrap();
         // A dead holder on this host is stale.
         let dead = FleetLock {
             pid: 999_999_999,
             ..l.clone()
         };
         std::fs::write(st.lock_file("ci"), serde_json::to_vec(&dead).unwrap()).unwrap();
-        let l2 = st.lock("ci", Duration::from_secs(60)).unwrap();
+        let l2 = st.lock("ci", Duration::from_secs(60)).await.unwrap();
         assert_ne!(l2.owner, l.owner);
         // Unlock by a non-owner leaves it alone.
-        st.unlock(&l).unwrap();
+        st.unlock(&l).await.unwrap();
         assert!(st.lock_file("ci").exists());
-        st.unlock(&l2).unwrap();
+        st.unlock(&l2).await.unwrap();
         assert!(!st.lock_file("ci").exists());
+        // Nothing but the lock files was ever left in locks/ (no guard, no temporary file).
+        assert_eq!(
+            std::fs::read_dir(d.path().join("locks")).unwrap().count(),
+            0
+        );
         // Another host: live until it expires.
         let remote = FleetLock {
             host: "elsewhere".into(),

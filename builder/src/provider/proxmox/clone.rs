@@ -1,11 +1,14 @@
-//! Cloning a fleet VM from its template (VM id retries, half-made clean-up) and the fleet's
-//! resource pool.
+//! Cloning a fleet VM from its template (VM ids from [`super::vmids`], retried with backoff when
+//! taken; half-made clean-up) and the fleet's resource pool.
 
-use super::{facts, lock, ProxmoxProvider};
+use super::{facts, lock, vmids, ProxmoxProvider};
 use crate::provider::CreateVm;
 use crate::remote::pve::params;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashSet;
+
+/// Clone attempts per VM when ids turn out taken (each after a longer backoff).
+const ID_ATTEMPTS: u32 = 10;
 
 impl ProxmoxProvider {
     /// The pool of `fleet`'s VMs.
@@ -16,9 +19,15 @@ impl ProxmoxProvider {
             .unwrap_or_else(|| format!("imagectl-{fleet}"))
     }
 
-    /// Creates the fleet's pool unless it exists.
+    /// Creates the fleet's pool unless it exists. Reads first: pve-manager `PVE/API2/Pool.pm`
+    /// (`create_pool`) checks `Pool.Allocate` on `/pool/{poolid}` before it looks whether the pool
+    /// exists, so a POST for a `--pool` an administrator made fails with 403 for a token that may
+    /// only use it. `GET /pools?poolid=` (`index`) refuses nobody (`check(…, 1)` = noerr).
     async fn ensure_pool(&self, fleet: &str) -> Result<()> {
         let id = self.pool_of(fleet);
+        if lock::pool(&self.pve, &id).await?.is_some() {
+            return Ok(());
+        }
         let r = self
             .pve
             .post::<serde_json::Value>(
@@ -31,7 +40,15 @@ impl ProxmoxProvider {
             .await;
         match r {
             Ok(_) => Ok(()),
+            // Made by another run meanwhile.
             Err(e) if e.is_already_exists() => Ok(()),
+            Err(e) if e.status() == Some(403) => Err(e).with_context(|| {
+                format!(
+                    "pool {id} of fleet {fleet} does not exist, and creating it needs Pool.Allocate \
+                     on /pool/{id}; create it (pveum pool add {id}) or name an existing one \
+                     with --pool"
+                )
+            }),
             Err(e) => Err(e).with_context(|| format!("creating the pool {id} of fleet {fleet}")),
         }
     }
@@ -70,22 +87,11 @@ impl ProxmoxProvider {
             .cloned()
             .unwrap_or(first);
         let mut tried = HashSet::new();
-        for _ in 0..8 {
-            let vmid = {
-                let claimed = self.claimed.lock().map(|c| c.clone()).unwrap_or_default();
-                let mut skip = tried.clone();
-                skip.extend(claimed);
-                crate::publish::allocate_vmid(&self.pve, self.opts.vmid_range, &skip).await?
-            };
-            let fresh = self
-                .claimed
-                .lock()
-                .map(|mut c| c.insert(vmid))
-                .unwrap_or(true);
-            if !fresh {
-                tried.insert(vmid);
-                continue;
-            }
+        for attempt in 0..ID_ATTEMPTS {
+            let vmid = self
+                .vmids
+                .claim(&self.pve, self.opts.vmid_range, &tried)
+                .await?;
             let mut form = vec![
                 ("newid".to_string(), vmid.to_string()),
                 ("name".to_string(), req.name.clone()),
@@ -99,15 +105,20 @@ impl ProxmoxProvider {
                 form.push(("storage".into(), s.clone()));
             }
             let path = format!("{}/clone", Self::qemu(&tnode, &tvmid.to_string()));
+            // The id stays claimed until the task has ended: by then PVE lists the VM.
             let r = self.pve.run_task(&path, form).await;
-            if let Ok(mut c) = self.claimed.lock() {
-                c.remove(&vmid);
-            }
+            self.vmids.release(vmid);
             match r {
                 Ok(_) => return Ok((vmid, node, tvmid)),
-                Err(e) if e.is_already_exists() => {
-                    tracing::info!("VM id {vmid} was taken meanwhile; trying another");
+                Err(e) if vmids::id_taken(&e, vmid) => {
                     tried.insert(vmid);
+                    let delay = self.pve.backoff(attempt);
+                    tracing::info!(
+                        "VM id {vmid} was taken meanwhile ({}); trying another in {:.1}s",
+                        e.message().unwrap_or_default(),
+                        delay.as_secs_f64()
+                    );
+                    tokio::time::sleep(delay).await;
                 }
                 Err(e) => {
                     // A failed clone task may leave a half-made VM (PVE usually removes it).
@@ -123,7 +134,8 @@ impl ProxmoxProvider {
             }
         }
         bail!(
-            "could not find a free VM id for {} after 8 attempts",
+            "could not find a free VM id for {}: {ID_ATTEMPTS} ids were taken by other clones \
+             meanwhile (tried {tried:?}); set a vmid_range that only imagectl uses",
             req.name
         )
     }

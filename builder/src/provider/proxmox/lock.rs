@@ -3,9 +3,12 @@
 //!
 //! Creating a pool is atomic in PVE (`pool '…' already exists` for the second creator), so two
 //! imagectl processes — on one machine or on two CI runners — can never both hold a fleet. A
-//! holder that died leaves the pool behind; after its expiry anyone may take it over. The pool
+//! holder that died leaves the pool behind; after its expiry anyone may take it over, through a
+//! takeover guard pool `imagectl-lock-<fleet>.takeover-<holder>` so that two takers never both
+//! win ([`lease`]). The holder renews the expiry while it works (`PUT /pools` comment). The pool
 //! stays empty, so it never constrains permissions or VMs. Needs `Pool.Allocate` on `/pool`.
 
+use crate::provider::lease::{self, LeaseStore, Taken};
 use crate::provider::{now_rfc3339, parse_rfc3339, rfc3339, FleetLock};
 use crate::remote::pve::{params, PveClient, PveError};
 use anyhow::{bail, Context, Result};
@@ -54,12 +57,21 @@ pub(super) struct Pool {
     pub members: Vec<serde_json::Value>,
 }
 
-/// The pool `id`, or `None` when it does not exist.
+/// The pool `id`, or `None` when it does not exist. PVE answers a missing pool with HTTP 500
+/// "pool '…' does not exist" (pve-manager `PVE/API2/Pool.pm`, `index`), which the client would
+/// retry as a failed read: ask once first, and retry only what is not that answer.
 pub(super) async fn pool(pve: &PveClient, id: &str) -> Result<Option<Pool>> {
-    match pve
-        .get::<Vec<Pool>>("/pools", params([("poolid", id)]))
-        .await
-    {
+    let first = pve
+        .get_once::<Vec<Pool>>("/pools", params([("poolid", id)]))
+        .await;
+    let answer = match first {
+        Err(e) if !e.is_not_found() => {
+            pve.get::<Vec<Pool>>("/pools", params([("poolid", id)]))
+                .await
+        }
+        other => other,
+    };
+    match answer {
         Ok(p) => Ok(p.into_iter().next()),
         Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading pool {id}")),
@@ -78,100 +90,128 @@ pub(super) async fn delete_pool(pve: &PveClient, id: &str) -> Result<(), PveErro
     }
 }
 
-/// The lock in pool `id`: `None` when the pool is gone, `Some(None)` when it is not a lock.
-async fn read(pve: &PveClient, id: &str) -> Result<Option<Option<FleetLock>>> {
-    Ok(pool(pve, id)
-        .await?
-        .map(|p| p.comment.as_deref().and_then(parse)))
+/// Leases kept as resource pools: the comment names the holder and its expiry.
+///
+/// A create is atomic: pve-manager `PVE/API2/Pool.pm` (`create_pool`) checks "pool '…' already
+/// exists" and writes `user.cfg` inside `lock_user_config` (pve-access-control
+/// `src/PVE/AccessControl.pm`). Nothing in PVE deletes or updates a pool only if its comment is
+/// unchanged (`update_pool` and `delete_pool` take no digest), hence [`lease`]'s takeover guards.
+#[derive(Clone)]
+pub struct PoolStore {
+    pve: PveClient,
 }
 
-/// Takes the lock of `fleet` for `ttl`; an error naming the holder when someone else has it.
-pub async fn lock(pve: &PveClient, fleet: &str, ttl: Duration) -> Result<FleetLock> {
-    let id = pool_id(fleet);
+impl PoolStore {
+    /// Leases in the pools of `pve`.
+    pub fn new(pve: &PveClient) -> Self {
+        Self { pve: pve.clone() }
+    }
+}
+
+impl LeaseStore for PoolStore {
+    async fn create(&self, id: &str, l: &FleetLock) -> Result<bool> {
+        let created = self
+            .pve
+            .post::<serde_json::Value>(
+                "/pools",
+                params([("poolid", id.to_string()), ("comment", render(l))]),
+            )
+            .await;
+        match created {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_already_exists() => Ok(false),
+            Err(e) if e.status() == Some(403) => Err(e).with_context(|| {
+                format!("taking the fleet lock: creating pool {id} needs Pool.Allocate on /pool")
+            }),
+            Err(e) => Err(e).with_context(|| format!("taking the fleet lock (pool {id})")),
+        }
+    }
+
+    async fn read(&self, id: &str) -> Result<Option<Option<FleetLock>>> {
+        Ok(pool(&self.pve, id)
+            .await?
+            .map(|p| p.comment.as_deref().and_then(parse)))
+    }
+
+    async fn delete(&self, id: &str) -> Result<()> {
+        delete_pool(&self.pve, id)
+            .await
+            .with_context(|| format!("removing the fleet lock (pool {id})"))
+    }
+
+    async fn replace(&self, id: &str, l: &FleetLock) -> Result<()> {
+        self.pve
+            .put::<serde_json::Value>(
+                "/pools",
+                params([("poolid", id.to_string()), ("comment", render(l))]),
+            )
+            .await
+            .with_context(|| format!("renewing the fleet lock (pool {id})"))?;
+        Ok(())
+    }
+
+    fn live(&self, h: &FleetLock) -> bool {
+        parse_rfc3339(&h.expires_at).is_some_and(|t| t > time::OffsetDateTime::now_utc())
+    }
+}
+
+/// A new lease of `fleet` for this process, valid for `ttl`.
+pub fn new_lease(fleet: &str, ttl: Duration) -> FleetLock {
     let now = time::OffsetDateTime::now_utc();
-    let mine = FleetLock {
+    FleetLock {
         fleet: fleet.into(),
         owner: uuid::Uuid::new_v4().simple().to_string(),
         host: crate::provider::local::state::hostname(),
         pid: std::process::id(),
         acquired_at: now_rfc3339(),
         expires_at: rfc3339(now + ttl),
-    };
-    for _ in 0..3 {
-        let created = pve
-            .post::<serde_json::Value>(
-                "/pools",
-                params([("poolid", id.clone()), ("comment", render(&mine))]),
-            )
-            .await;
-        match created {
-            Ok(_) => return Ok(mine),
-            Err(e) if e.is_already_exists() => {}
-            Err(e) if e.status() == Some(403) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "taking the fleet lock: creating pool {id} needs Pool.Allocate on /pool"
-                    )
-                })
-            }
-            Err(e) => return Err(e).with_context(|| format!("taking the fleet lock (pool {id})")),
-        }
-        match read(pve, &id).await? {
-            // Gone meanwhile: try again.
-            None => continue,
-            // Our own create went through although its answer was lost.
-            Some(Some(h)) if h.owner == mine.owner => return Ok(mine),
-            Some(Some(h)) => {
-                let expired = parse_rfc3339(&h.expires_at)
-                    .is_some_and(|t| t < time::OffsetDateTime::now_utc());
-                if !expired {
-                    bail!(
-                        "fleet {fleet} is locked by {} (pid {}) since {} until {} (pool {id}); \
-                         wait for it, or delete the pool if that run is gone",
-                        h.host,
-                        h.pid,
-                        h.acquired_at,
-                        h.expires_at
-                    );
-                }
-                tracing::warn!(
-                    "taking over the expired lock of fleet {fleet} held by {} (pid {}) since {}",
-                    h.host,
-                    h.pid,
-                    h.acquired_at
-                );
-                remove(pve, &id).await?;
-            }
-            Some(None) => bail!(
-                "pool {id} exists but is not an imagectl lock; rename or delete it to use fleet {fleet}"
-            ),
-        }
     }
-    bail!("could not take the lock of fleet {fleet} (pool {id} keeps changing hands)")
 }
 
-async fn remove(pve: &PveClient, id: &str) -> Result<()> {
-    delete_pool(pve, id)
-        .await
-        .with_context(|| format!("removing the fleet lock (pool {id})"))
+/// Takes the lock of `fleet` for `ttl`; an error naming the holder when someone else has it.
+/// Renewing it is the caller's ([`lease::renew_loop`] over a [`PoolStore`]).
+pub async fn lock(pve: &PveClient, fleet: &str, ttl: Duration) -> Result<FleetLock> {
+    let id = pool_id(fleet);
+    let mine = new_lease(fleet, ttl);
+    match lease::acquire(&PoolStore::new(pve), &id, &mine).await? {
+        Taken::Mine => Ok(mine),
+        Taken::Held(h) => bail!(
+            "fleet {fleet} is locked by {} (pid {}) since {} until {} (pool {id}); \
+             wait for it, or delete the pool if that run is gone",
+            h.host,
+            h.pid,
+            h.acquired_at,
+            h.expires_at
+        ),
+        Taken::Busy { holder, taker } => bail!(
+            "fleet {fleet} is locked: the expired lock of {} (pid {}) is being taken over by {} \
+             (pid {}) right now (pool {id}); try again",
+            holder.host,
+            holder.pid,
+            taker.host,
+            taker.pid
+        ),
+        Taken::Foreign => bail!(
+            "pool {id} exists but is not an imagectl lock; rename or delete it to use fleet {fleet}"
+        ),
+    }
 }
 
 /// Gives the lock back if `l` still holds it.
 pub async fn unlock(pve: &PveClient, l: &FleetLock) -> Result<()> {
     let id = pool_id(&l.fleet);
-    match read(pve, &id).await? {
-        Some(Some(h)) if h.owner == l.owner => remove(pve, &id).await,
-        Some(Some(h)) => {
+    let store = PoolStore::new(pve);
+    if !lease::release(&store, &id, &l.owner).await? {
+        if let Some(Some(h)) = store.read(&id).await? {
             tracing::warn!(
                 "the lock of fleet {} was taken over by {} (pid {}); leaving it",
                 l.fleet,
                 h.host,
                 h.pid
             );
-            Ok(())
         }
-        _ => Ok(()),
     }
+    Ok(())
 }
 
 #[cfg(test)]

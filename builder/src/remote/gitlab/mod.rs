@@ -94,10 +94,14 @@ impl GitlabError {
         matches!(self, GitlabError::Status { status: 403, message, .. } if message.starts_with("insufficient_scope"))
     }
 
-    /// True when GitLab answered a request and refused it (4xx other than 408 and 429): nothing
-    /// was made, so there is nothing to look for afterwards.
+    /// True when the request cannot have made anything: GitLab answered and refused it (4xx
+    /// other than 408; a 429 is refused before it is processed), or the connection was never
+    /// made. Then there is nothing to look for afterwards.
     pub fn made_nothing(&self) -> bool {
-        matches!(self.status(), Some(s) if (400..500).contains(&s) && s != 408)
+        match self {
+            GitlabError::Transport { connect, .. } => *connect,
+            _ => matches!(self.status(), Some(s) if (400..500).contains(&s) && s != 408),
+        }
     }
 
     /// True for failures worth retrying on an idempotent call.
@@ -365,7 +369,7 @@ impl GitlabClient {
             method: method.to_string(),
             path: path.to_string(),
             connect: e.is_connect(),
-            detail: e.without_url().to_string(),
+            detail: transport_detail(e, self.url()),
         };
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
@@ -409,7 +413,20 @@ impl GitlabClient {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<(Value, reqwest::header::HeaderMap), GitlabError> {
-        let mut backoff = self.opts.retry.start();
+        self.call_with(self.opts.retry, method, path, query, body)
+            .await
+    }
+
+    /// [`call`](Self::call) under `policy`.
+    async fn call_with(
+        &self,
+        policy: Policy,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<(Value, reqwest::header::HeaderMap), GitlabError> {
+        let mut backoff = policy.start();
         loop {
             match self.once(&method, path, query, body).await {
                 Ok(v) => return Ok(v),
@@ -433,7 +450,13 @@ impl GitlabClient {
     /// is not a personal, group or project access token gets 400 from GitLab.
     pub async fn token_info(&self) -> Result<TokenInfo, GitlabError> {
         let path = "/personal_access_tokens/self";
-        let (v, _) = self.call(Method::GET, path, &[], None).await?;
+        // The first call of every command: a GitLab that is down or refuses the connection fails
+        // it in seconds, not after the whole retry budget (a 429's Retry-After still counts).
+        let first = Policy {
+            budget: self.opts.retry.budget.min(Duration::from_secs(10)),
+            ..self.opts.retry
+        };
+        let (v, _) = self.call_with(first, Method::GET, path, &[], None).await?;
         let info: TokenInfo = Self::decode("GET", path, v)?;
         let _ = self.scopes.set(info.clone());
         Ok(info)
@@ -596,6 +619,24 @@ impl GitlabClient {
             })
             .collect())
     }
+}
+
+/// What went wrong on the wire, with the GitLab it was meant for and every cause reqwest keeps
+/// (e.g. `error sending request to https://gitlab.example.com: client error (Connect): tcp connect
+/// error: Connection refused (os error 111)`). The URL is the base URL: it holds no secret.
+fn transport_detail(e: reqwest::Error, base: &str) -> String {
+    let e = e.without_url();
+    let mut out = format!("{e} to {base}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// A `token_expires_at` GitLab sent must be an RFC 3339 time (or absent/null: no expiry).

@@ -201,6 +201,26 @@ impl PveClient {
         .ok_or_else(|| PveError::decode("GET", "/cluster/nextid", format!("not a VM id: {v}")))
     }
 
+    /// `GET /cluster/nextid?vmid=N`: whether no guest holds `vmid` right now. Like `nextid` it
+    /// reserves nothing: pve-manager `PVE/API2/Cluster.pm` (`nextid`) answers the id when the
+    /// cluster's VM list lacks it, else a parameter error "VM N already exists" (HTTP 400).
+    pub async fn vmid_free(&self, vmid: u32) -> Result<bool, PveError> {
+        match self
+            .get::<Value>("/cluster/nextid", params([("vmid", vmid)]))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e @ PveError::Api { .. })
+                if e.status() == Some(400)
+                    && matches!(&e, PveError::Api { errors, .. }
+                        if errors.get("vmid").is_some_and(|m| m.contains("already exists"))) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// `GET /nodes/{node}/qemu/{vmid}/config`.
     pub async fn vm_config(&self, node: &str, vmid: u32) -> Result<VmConfig, PveError> {
         let v: Value = self

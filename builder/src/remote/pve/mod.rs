@@ -6,6 +6,7 @@
 //! [`Secret`], sent only in the `Authorization` header (marked sensitive), and appears in no
 //! error, log line or `Debug` output.
 
+pub mod access;
 pub mod api;
 pub mod error;
 pub mod tasks;
@@ -42,15 +43,14 @@ impl ApiToken {
              (e.g. imagectl@pve!ci=xxxxxxxx-xxxx-…)"
                 .to_string()
         };
-        let (id, secret) = text.split_once('=').ok_or_else(malformed)?;
-        let (user, tokenid) = id.split_once('!').ok_or_else(malformed)?;
-        let valid_id = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
-        };
-        if !user.contains('@') || !valid_id(user) || !valid_id(tokenid) || secret.is_empty() {
+        // PVE splits at the last `=` (pve-access-control `src/PVE/AccessControl.pm`
+        // `verify_token`); the id's grammar is in `crate::config::check_token_id`.
+        let (id, secret) = text.rsplit_once('=').ok_or_else(malformed)?;
+        if secret.is_empty() {
             return Err(malformed());
+        }
+        if let Err(why) = crate::config::check_token_id(id) {
+            return Err(format!("{} — the token id: {why}", malformed()));
         }
         if secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(malformed());

@@ -54,7 +54,28 @@ impl Multipart {
     }
 }
 
-/// True for a file name PVE accepts for `content=import`.
+/// The name PVE stores an uploaded or downloaded file under: pve-storage `src/PVE/Storage.pm`
+/// `normalize_content_filename` (called by `upload` and `download_url` in
+/// `src/PVE/API2/Storage/Status.pm` before anything else) drops a trailing newline and everything
+/// up to the last `/` or `\\`, then turns every character outside `[a-zA-Z0-9_.-]` into `_`.
+/// A volume is then `STORAGE:import/<this name>` (or `iso/…`), whatever name was sent.
+pub fn content_filename(name: &str) -> String {
+    let name = name.strip_suffix('\n').unwrap_or(name);
+    let name = name.rsplit(['/', '\\']).next().unwrap_or(name);
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// True for a (normalised, see [`content_filename`]) file name PVE accepts for `content=import`:
+/// `$SAFE_CHAR_CLASS_RE+$UPLOAD_IMPORT_EXT_RE_1` (pve-storage `src/PVE/Storage.pm`, checked in
+/// `upload`/`download_url` of `src/PVE/API2/Storage/Status.pm`).
 pub fn valid_import_name(name: &str) -> bool {
     let Some((stem, ext)) = name.rsplit_once('.') else {
         return false;
@@ -67,8 +88,9 @@ pub fn valid_import_name(name: &str) -> bool {
 }
 
 impl PveClient {
-    /// Uploads `file` as `STORAGE:import/FILENAME` on `node` and returns the upload task's UPID
-    /// (not waited for). `bar` counts the bytes sent.
+    /// Uploads `file` as `STORAGE:import/NAME` on `node`, NAME being [`content_filename`] of
+    /// `filename`, and returns the upload task's UPID (not waited for). `bar` counts the bytes
+    /// sent.
     pub async fn upload_import(
         &self,
         node: &str,
@@ -82,8 +104,8 @@ impl PveClient {
             .await
     }
 
-    /// Uploads `file` as `STORAGE:iso/FILENAME` on `node` (checksum verified by PVE) and returns
-    /// the upload task's UPID (not waited for).
+    /// Uploads `file` as `STORAGE:iso/NAME` on `node`, NAME being [`content_filename`] of
+    /// `filename` (checksum verified by PVE), and returns the upload task's UPID (not waited for).
     pub async fn upload_iso(
         &self,
         node: &str,
@@ -110,6 +132,12 @@ impl PveClient {
         bar: &ProgressBar,
     ) -> Result<String, anyhow::Error> {
         use anyhow::Context;
+        let stored = content_filename(filename);
+        if stored != filename {
+            tracing::warn!(
+                "PVE stores the upload {filename:?} as {content}/{stored} (it normalises file names)"
+            );
+        }
         let path = format!("/nodes/{}/storage/{}/upload", seg(node), seg(storage));
         let mut attempt = 0;
         loop {
@@ -179,8 +207,8 @@ impl PveClient {
         }
     }
 
-    /// Asks `node` to fetch `url` into `STORAGE:import/FILENAME` (PVE verifies the checksum);
-    /// returns the UPID.
+    /// Asks `node` to fetch `url` into `STORAGE:import/NAME`, NAME being [`content_filename`] of
+    /// `filename` (PVE verifies the checksum); returns the UPID.
     pub async fn download_import(
         &self,
         node: &str,
@@ -291,5 +319,18 @@ mod tests {
         assert!(!valid_import_name("a b.qcow2"));
         assert!(!valid_import_name("x.iso"));
         assert!(!valid_import_name(".qcow2"));
+    }
+
+    #[test]
+    fn stored_names_are_normalised_as_pve_does() {
+        assert_eq!(
+            content_filename("imagectl-gitlab-runner-2.0+b1.qcow2"),
+            "imagectl-gitlab-runner-2.0_b1.qcow2"
+        );
+        assert_eq!(content_filename("a=b c~d:e.qcow2\n"), "a_b_c_d_e.qcow2");
+        assert_eq!(content_filename("dir/sub\\x.y_z-1.iso"), "x.y_z-1.iso");
+        let n = content_filename("imagectl-g r-1:2+3=4.qcow2");
+        assert_eq!(content_filename(&n), n, "normalising is idempotent");
+        assert!(valid_import_name(&n));
     }
 }
