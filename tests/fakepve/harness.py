@@ -44,8 +44,9 @@ What the harness adds for tests (none of it is PVE behaviour; it is how tests lo
   The guest emulation (`tests/src/pve_guest.rs`) reads seed ISOs from there.
 * `GET /state` on the control port: VMs (with `status`), volumes (with `path` of a kept ISO),
   tasks, uploads, nodes and the requests seen.
-* Control commands (`POST /<cmd>` with a JSON body): `fail`, `fail-task`, `clear-failures`, `node`,
-  `storage`, `token`, `vm`, `time-scale`, and `agent` {vmid, files: {path: text} | null,
+* Control commands (`POST /<cmd>` with a JSON body, `control.py`): `fail`, `fail-task`,
+  `clear-failures`, `node`, `storage`, `token`, `vm`, `time-scale`, `task-secs`, `version` (what
+  `GET /version` reports), `grant` (an ACL entry: after the first one every call is checked), and `agent` {vmid, files: {path: text} | null,
   hangs?: bool}: sets the VM's guest agent (`vm.agent = {'files': files}`, so `agent/file-read`
   answers those files; null: "QEMU guest agent is not running"; hangs: the agent times out).
 """
@@ -53,9 +54,7 @@ What the harness adds for tests (none of it is PVE behaviour; it is how tests lo
 import argparse
 import asyncio
 import contextvars
-import datetime
 import hashlib
-import ipaddress
 import json
 import os
 import re
@@ -73,6 +72,9 @@ from fakepve import FakePve, PveError, TaskError
 from fakepve.lxc import format_size
 from fakepve.qemu import NEW_DISK, join_drive, split_drive, volume_ref
 from fakepve.routing import split_list
+
+from control import control_app
+from pki import make_pki
 
 # The node a clone request runs on while fakepve's clone handler checks the new id (see _qm_clone).
 _CLONE_NODE = contextvars.ContextVar('clone_node', default=None)
@@ -93,52 +95,6 @@ def normalize_content_filename(filename):
         filename = filename[:-1]
     filename = re.split(r'[/\\]', filename)[-1]
     return re.sub(r'[^a-zA-Z0-9_.-]', '_', filename)
-
-
-def make_pki(directory):
-    """A PVE-like PKI: a root CA (pve-root-ca.pem) and a node certificate it signs for 127.0.0.1.
-
-    Returns (ca_file, cert_file, key_file, leaf SHA-256 fingerprint as AA:BB:...).
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'Proxmox Virtual Environment'),
-                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, 'fakepve-ca')])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    names = [x509.DNSName('localhost'), x509.IPAddress(ipaddress.ip_address('127.0.0.1'))]
-    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, 'pve1')]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    ca_file = os.path.join(directory, 'pve-root-ca.pem')
-    cert_file = os.path.join(directory, 'pve-ssl.pem')
-    key_file = os.path.join(directory, 'pve-ssl.key')
-    with open(ca_file, 'wb') as out:
-        out.write(ca.public_bytes(serialization.Encoding.PEM))
-    with open(cert_file, 'wb') as out:
-        out.write(leaf.public_bytes(serialization.Encoding.PEM))
-    with os.fdopen(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 'wb') as out:
-        out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                    serialization.NoEncryption()))
-    digest = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
-    return ca_file, cert_file, key_file, ':'.join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
 
 def inspect_image(path, filename):
@@ -527,85 +483,6 @@ class ImagectlPve(FakePve):
         return {'vms': vms, 'volumes': volumes, 'tasks': tasks, 'uploads': self.uploads,
                 'nodes': {n: s.get('online', True) for n, s in self.nodes.items()},
                 'requests': [[m, p] for m, p, _b in self.requests], 'pools': sorted(self.pools)}
-
-
-def control_app(pve):
-    """The loopback control channel: JSON in, JSON out, no auth (test-only, bound to 127.0.0.1)."""
-    async def state(_request):
-        return web.json_response(pve.view())
-
-    async def command(request):
-        cmd = request.match_info['cmd']
-        a = await request.json() if request.can_read_body else {}
-        try:
-            if cmd == 'fail':
-                pve.fail(a['method'], a['suffix'], status=a.get('status'), message=a.get('message'),
-                         error=a.get('error'), times=a.get('times'))
-            elif cmd == 'fail-task':
-                pve.task_failures[(a['method'], a['suffix'])] = {'message': a['message'], 'times': a.get('times'),
-                                                                 'delay': float(a.get('delay') or 0)}
-            elif cmd == 'clear-failures':
-                pve.failures.clear()
-                pve.task_failures.clear()
-            elif cmd == 'node':
-                if a['name'] not in pve.nodes:
-                    pve.add_node(a['name'])
-                pve.set_node_offline(a['name'], not a.get('online', True))
-            elif cmd == 'storage':
-                store = pve.storages.setdefault(a['name'], {'type': a.get('type', 'dir'), 'active': 1,
-                                                            'files': set(), 'path': '/mnt/pve/' + a['name']})
-                for k in ('content', 'shared', 'avail', 'type', 'vgname', 'thinpool', 'nodes'):
-                    if k in a:
-                        store[k] = a[k]
-            elif cmd == 'token':
-                if a.get('remove'):
-                    pve.apitokens.pop(a['id'], None)
-                else:
-                    pve.apitokens[a['id']] = a['secret']
-            elif cmd == 'vm':
-                vm = pve.add_vm(int(a['vmid']), a['name'], node=a.get('node', 'pve1'),
-                                status=a.get('status', 'stopped'), config=a.get('config', {}),
-                                template=a.get('template', False), lock=a.get('lock'))
-                if vm.template:
-                    vm.config['template'] = 1
-            elif cmd == 'agent':
-                vm = pve.vm(int(a['vmid']))
-                if vm is None:
-                    return web.json_response({'error': 'no VM {0}'.format(a['vmid'])}, status=404)
-                files = a.get('files')
-                if files is not None and not isinstance(files, dict):
-                    raise TypeError('files must be an object or null')
-                # The emulated guest's only address is loopback, so whatever the host then probes
-                # (node_exporter, cAdvisor, gitlab-runner metrics) stays on this machine.
-                vm.agent = None if files is None else {
-                    'files': {str(k): str(v) for k, v in files.items()},
-                    'interfaces': [{'name': 'eth0', 'hardware-address': 'bc:24:11:00:00:01',
-                                    'ip-addresses': [{'ip-address': '127.0.0.1', 'ip-address-type': 'ipv4',
-                                                      'prefix': 8}]}]}
-                vm.agent_hangs = bool(a.get('hangs', False))
-            elif cmd == 'version':
-                # What GET /version reports (pve-manager PVE/API2/Version.pm: version, release).
-                pve.version = str(a['version'])
-                pve.release_version = '.'.join(pve.version.split('.')[:2])
-            elif cmd == 'grant':
-                # An ACL entry for a user or token (pveum acl modify PATH --privs ... ); the first
-                # grant switches fakepve from "everyone may do everything" to ACL checks.
-                pve.grant(a['user'], a['path'], *a['privs'])
-            elif cmd == 'task-secs':
-                # PVE seconds each task type takes (scaled by the time scale), e.g. {"qmclone": 3}.
-                pve.task_secs = {str(k): float(v) for k, v in a.items()}
-            elif cmd == 'time-scale':
-                pve.time_scale = float(a['value'])
-            else:
-                return web.json_response({'error': 'unknown command ' + cmd}, status=404)
-        except (KeyError, ValueError, TypeError) as e:
-            return web.json_response({'error': repr(e)}, status=400)
-        return web.json_response({'ok': True})
-
-    app = web.Application()
-    app.router.add_get('/state', state)
-    app.router.add_post('/{cmd}', command)
-    return app
 
 
 async def main(args):
