@@ -18,6 +18,7 @@ mod pve_guest;
 mod pve_preflight;
 mod runner_double;
 mod seed;
+mod spec_grammar;
 mod vm;
 
 mod support;

@@ -137,7 +137,8 @@ impl PrivateApt {
         }
         fs_err::create_dir_all(into)?;
         let mut cmd = self.command("apt-get");
-        cmd.args(["-q", "download"]).current_dir(into);
+        // `--`: the pins (checked when the lock is read) can never be taken as options.
+        cmd.args(["-q", "download", "--"]).current_dir(into);
         for p in pkgs {
             cmd.arg(format!("{}={}", p.name, p.version));
         }

@@ -37,7 +37,8 @@ pub struct LayerInputs {
     pub local_debs: Vec<(String, String)>,
     /// Extra repository pins, by suite or origin, then the lock's versions.
     pub preferences: String,
-    /// Commands run in the chroot (users, groups).
+    /// mmdebstrap `--customize-hook`s run in the chroot (users, groups): fixed scripts whose
+    /// spec values are positional parameters (see [`user_hook`]).
     pub chroot_commands: Vec<String>,
     /// SOURCE_DATE_EPOCH.
     pub epoch: i64,
@@ -174,34 +175,25 @@ pub fn layer_inputs(l: &Loaded, epoch: i64, work: &Path, keys_cache: &Path) -> R
         let deb = build_local_deb(&l.resolve(&lp.dir), &work.join("debs"), &lp.name, epoch)?;
         let control = fs_err::read_to_string(l.resolve(&lp.dir).join("DEBIAN/control"))?;
         if let Some(pkg) = control.lines().find_map(|x| x.strip_prefix("Package:")) {
-            local_names.push(pkg.trim().to_string());
+            let pkg = pkg.trim();
+            // It becomes an `--include` item like the spec's packages: the same grammar.
+            if !crate::spec::grammar::is_package_name(pkg) {
+                return Err(crate::error::input(format!(
+                    "local package {:?}: Package {pkg:?} in DEBIAN/control is not a Debian package name",
+                    lp.name
+                )));
+            }
+            local_names.push(pkg.to_string());
         }
         local_debs.push((lp.name.clone(), sha256_file(&deb)?));
         local_deb_paths.push(std::path::absolute(deb)?);
     }
     let mut chroot_commands = Vec::new();
     for g in &s.groups {
-        let sys = if g.system { "--system " } else { "" };
-        chroot_commands.push(format!(
-            "getent group {0} >/dev/null || groupadd {sys}{0}",
-            g.name
-        ));
+        chroot_commands.push(group_hook(&g.name, g.system));
     }
     for u in &s.users {
-        let sys = if u.system {
-            "--system "
-        } else {
-            "--create-home "
-        };
-        let groups = if u.groups.is_empty() {
-            String::new()
-        } else {
-            format!("--groups {} ", u.groups.join(","))
-        };
-        chroot_commands.push(format!(
-            "getent passwd {0} >/dev/null || useradd {sys}{groups}--shell {1} {0}",
-            u.name, u.shell
-        ));
+        chroot_commands.push(user_hook(&u.name, u.system, &u.groups, &u.shell));
     }
     let mmdebstrap = run_output(Command::new("mmdebstrap").arg("--version"))
         .context("mmdebstrap is needed to build the root filesystem (apt-get install mmdebstrap)")?
@@ -226,6 +218,43 @@ pub fn layer_inputs(l: &Loaded, epoch: i64, work: &Path, keys_cache: &Path) -> R
         repo_preferences,
     }
     .pinned(None))
+}
+
+/// Creates a group unless it exists. The name is validated ([`crate::spec::grammar`]) and passed
+/// as a quoted positional parameter of a fixed script, never spliced into the script's text.
+const GROUP_SCRIPT: &str = r#"getent group "$1" >/dev/null && exit 0
+if [ "$2" = system ]; then exec groupadd --system -- "$1"; else exec groupadd -- "$1"; fi"#;
+
+/// Creates a user unless it exists; `$1` name, `$2` `system` or `normal`, `$3` comma-separated
+/// groups (may be empty), `$4` shell, which must exist in the built root filesystem.
+const USER_SCRIPT: &str = r#"getent passwd "$1" >/dev/null && exit 0
+if [ ! -x "$4" ]; then echo "E: imagectl: shell $4 of user $1 is not in the image (install the package that provides it)" >&2; exit 1; fi
+if [ "$2" = system ]; then k=--system; else k=--create-home; fi
+if [ -n "$3" ]; then exec useradd "$k" --groups "$3" --shell "$4" -- "$1"; fi
+exec useradd "$k" --shell "$4" -- "$1""#;
+
+/// The mmdebstrap customize hook that creates group `name`.
+fn group_hook(name: &str, system: bool) -> String {
+    let kind = if system { "system" } else { "normal" };
+    format!(
+        "chroot \"$1\" sh -c {} imagectl-group {} {kind}",
+        quote(GROUP_SCRIPT),
+        quote(name)
+    )
+}
+
+/// The mmdebstrap customize hook that creates user `name`. mmdebstrap runs a hook through
+/// `sh -c` (with `$1` the root), so each spec value is one single-quoted word there and a
+/// positional parameter of [`USER_SCRIPT`] in the chroot; the values were validated at load time.
+fn user_hook(name: &str, system: bool, groups: &[String], shell: &str) -> String {
+    let kind = if system { "system" } else { "normal" };
+    format!(
+        "chroot \"$1\" sh -c {} imagectl-user {} {kind} {} {}",
+        quote(USER_SCRIPT),
+        quote(name),
+        quote(&groups.join(",")),
+        quote(shell)
+    )
 }
 
 fn quote(s: &str) -> String {
@@ -289,6 +318,11 @@ pub fn bootstrap(
         .arg(format!("--setup-hook=sync-in {} /var/cache/apt/archives/", q(deb_cache)))
         .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", q(deb_cache)))
         .arg(format!("--customize-hook=sync-out /var/lib/apt/lists {}", q(&lists)));
+    // mmdebstrap hands `--include` items to `apt-get install` after its own options and has no
+    // `--` of its own (an item starting with `/` or `./` is even taken as a local .deb): there is
+    // no way to end options here, so the grammar is the guard. Every item is a package name,
+    // `name=version` or `name/suite` checked at load time ([`crate::spec::grammar::is_package`]),
+    // and the lock's pins are checked when the lock is read.
     if !inputs.includes.is_empty() {
         cmd.arg(format!("--include={}", inputs.includes.join(",")));
     }
@@ -297,7 +331,7 @@ pub fn bootstrap(
     let (essential, customize) = super::runner::hook_args(work)?;
     cmd.args(essential).args(customize);
     for c in &inputs.chroot_commands {
-        cmd.arg(format!("--customize-hook=chroot \"$1\" sh -c {}", quote(c)));
+        cmd.arg(format!("--customize-hook={c}"));
     }
     // mmdebstrap runs apt on this host, which verifies signatures as its unprivileged `_apt`
     // user, while apt inside the chroot reads the same `signed-by` path: so the keys are staged
@@ -486,6 +520,62 @@ fn is_root() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_hook_passes_spec_values_as_words_not_code() {
+        // Stub `chroot` (drops the root), `getent` (nothing exists) and `useradd` (records argv).
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path();
+        let log = bin.join("argv");
+        let stub = |name: &str, body: &str| {
+            use std::os::unix::fs::PermissionsExt;
+            let p = bin.join(name);
+            fs_err::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            fs_err::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        stub("chroot", "shift; exec \"$@\"");
+        stub("getent", "exit 2");
+        stub(
+            "useradd",
+            &format!(
+                "for a in \"$@\"; do echo \"[$a]\"; done > {}",
+                log.display()
+            ),
+        );
+        let hook = user_hook(
+            "ops",
+            false,
+            &["docker".into(), "a$(touch pwned)".into()],
+            "/bin/sh",
+        );
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(&hook)
+            .arg("sh")
+            .arg("/nonexistent-root")
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .current_dir(bin)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert_eq!(
+            fs_err::read_to_string(&log).unwrap(),
+            "[--create-home]\n[--groups]\n[docker,a$(touch pwned)]\n[--shell]\n[/bin/sh]\n[--]\n[ops]\n"
+        );
+        assert!(!bin.join("pwned").exists());
+        // A shell missing from the root filesystem fails the bake, naming it.
+        let hook = user_hook("ops", true, &[], "/nonexistent/shell");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(&hook)
+            .arg("sh")
+            .arg("/")
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("shell /nonexistent/shell"));
+    }
 
     #[test]
     fn failures_quote_apt_not_its_command_line() {

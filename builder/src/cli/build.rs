@@ -50,6 +50,11 @@ pub struct Args {
 /// Runs `imagectl build`.
 pub fn run(g: &Global, a: Args) -> anyhow::Result<i32> {
     let loaded = crate::spec::load(&a.spec, &a.profiles)?;
+    if let Some(v) = &a.version {
+        // The whole version names files (`out/<name>-<version>.qcow2`) and templates: the same
+        // rule as the spec's own `version`.
+        crate::spec::check_version(v, "--version")?;
+    }
     let opt = Options {
         out_dir: a.out,
         cache_dir: a.cache_dir.unwrap_or_else(crate::store::default_cache_dir),

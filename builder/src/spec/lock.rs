@@ -86,7 +86,7 @@ impl Lock {
         if !path.exists() {
             return Ok(None);
         }
-        let text = fs_err::read_to_string(path)?;
+        let text = crate::util::read_text_input(path, "lock", 16 << 20)?;
         let lock: Lock = toml::from_str(&text)
             .map_err(|e| input(format!("{}: not a valid lock file: {e}", path.display())))?;
         if lock.version != LOCK_VERSION {
@@ -95,6 +95,20 @@ impl Lock {
                 path.display(),
                 lock.version
             )));
+        }
+        // Pins become `--include=name=version` items and apt preferences lines: the same grammar
+        // as the spec's packages (a one-letter name is let through: it cannot be an option).
+        for (i, p) in lock.packages.iter().enumerate() {
+            if !super::grammar::is_package_name(&format!("{}0", p.name))
+                || !super::grammar::is_debian_version(&p.version)
+            {
+                return Err(input(format!(
+                    "{}: packages[{i}] {:?} = {:?} is not a Debian package name and version",
+                    path.display(),
+                    p.name,
+                    p.version
+                )));
+            }
         }
         Ok(Some(lock))
     }

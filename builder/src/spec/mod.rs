@@ -2,13 +2,18 @@
 //!
 //! A spec is YAML (`image-specs/gitlab-runner.yaml`), parsed with `yaml_serde` and
 //! `deny_unknown_fields`, optionally patched by profiles (`image-specs/profiles/NAME.yaml`), then
-//! validated. Every parse or validation error names the file and, for YAML errors, line and column,
-//! and carries an [`crate::InputError`] so the process exits with code 2.
+//! validated. Every parse or validation error names the file and, for YAML errors, line and column
+//! (else the field path, e.g. `users[0].shell`), and carries an [`crate::InputError`] so the process
+//! exits with code 2. The spec as written and each profile as written are validated before a
+//! profile is applied; [`grammar`] holds the rules for fields that reach a shell, apt or GRUB.
 
+pub mod grammar;
 mod load;
 pub mod lock;
+mod validate;
 
 pub use load::{load, Loaded};
+pub use validate::check_version;
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
