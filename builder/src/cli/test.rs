@@ -51,7 +51,7 @@ pub struct Args {
     pub timeout: u64,
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 2048,
-          value_parser = clap::value_parser!(u32).range(256..=1_048_576))]
+          value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
     pub memory: u32,
     /// Guest CPUs.
     #[arg(long, value_name = "N", default_value_t = 2,
