@@ -137,7 +137,7 @@ pub fn agent_from_flags(
     let url =
         gitlab_url.ok_or_else(|| input("--runner-id/--token-file need --gitlab-url as well"))?;
     let url = crate::remote::gitlab::normalize_url(url)
-        .map_err(|e| input(format!("--gitlab-url: {e}")))?;
+        .map_err(|e| input(format!("--gitlab-url: invalid GitLab URL: {e}")))?;
     let url = url.as_str();
     let id = runner_id.ok_or_else(|| input("--gitlab-url needs --runner-id as well"))?;
     let token = read_token(token_file)?;
