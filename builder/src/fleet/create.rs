@@ -285,19 +285,19 @@ pub async fn rollback<P: Provider>(f: &Fleet<'_, P>, made: &Made) -> (Vec<String
     }
     if let (None, Some(desc)) = (made.runner, &made.runner_unconfirmed) {
         // The create call failed, but may have created a runner: find it by its description.
-        if let Some(why) = super::preflight::listing_refused(f.gitlab) {
-            left.push(format!("maybe a runner {desc:?} (could not check: {why})"));
-            return (cleaned, left);
-        }
-        let found = retry(|| async {
-            Ok(f.gitlab
-                .runners_with_prefix(desc)
-                .await?
+        // A token that may not list (no read_api, or GitLab's 403) is said so, not retried.
+        let found = retry(|| super::gc::listed(f.gitlab, desc)).await;
+        let found = match found {
+            Ok(Err(why)) => {
+                left.push(format!("maybe a runner {desc:?} (could not check: {why})"));
+                return (cleaned, left);
+            }
+            Ok(Ok(list)) => Ok(list
                 .into_iter()
                 .filter(|r| r.description.as_deref() == Some(desc.as_str()))
-                .collect::<Vec<_>>())
-        })
-        .await;
+                .collect::<Vec<_>>()),
+            Err(e) => Err(e),
+        };
         match found {
             Ok(list) => {
                 for r in list {

@@ -362,19 +362,13 @@ impl Setup {
                 if !mutating {
                     return Vec::new();
                 }
-                let mut needs = fleet_needs(
+                fleet_needs(
                     v,
-                    pool.as_deref().unwrap_or(""),
-                    lock.as_deref().unwrap_or(""),
+                    pool.as_deref(),
+                    lock.as_deref(),
                     seeds,
                     !exists || !user_pool,
-                );
-                // Over every fleet (gc without --fleet) there is no one pool to check.
-                needs.retain(|n| n.paths.iter().all(|p| p != "/pool/"));
-                for n in &mut needs {
-                    n.paths.retain(|p| p != "/pool/");
-                }
-                needs
+                )
             })
             .await?;
         }

@@ -104,6 +104,37 @@ impl GitlabError {
         }
     }
 
+    /// The same error with `(note)` added to its message or detail.
+    fn noted(self, note: &str) -> Self {
+        match self {
+            GitlabError::Status {
+                method,
+                path,
+                status,
+                message,
+                server_wait,
+            } => GitlabError::Status {
+                method,
+                path,
+                status,
+                message: format!("{message} ({note})"),
+                server_wait,
+            },
+            GitlabError::Transport {
+                method,
+                path,
+                connect,
+                detail,
+            } => GitlabError::Transport {
+                method,
+                path,
+                connect,
+                detail: format!("{detail} ({note})"),
+            },
+            other => other,
+        }
+    }
+
     /// True for failures worth retrying on an idempotent call.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -317,33 +348,7 @@ impl GitlabClient {
                 tracing::warn!("{e}; retrying in {:.1}s", d.as_secs_f64());
                 Ok(d)
             }
-            Pause::GiveUp(why) => Err(match e {
-                GitlabError::Status {
-                    method,
-                    path,
-                    status,
-                    message,
-                    server_wait,
-                } => GitlabError::Status {
-                    method,
-                    path,
-                    status,
-                    message: format!("{message} (not retried: {why})"),
-                    server_wait,
-                },
-                GitlabError::Transport {
-                    method,
-                    path,
-                    connect,
-                    detail,
-                } => GitlabError::Transport {
-                    method,
-                    path,
-                    connect,
-                    detail: format!("{detail} (not retried: {why})"),
-                },
-                other => other,
-            }),
+            Pause::GiveUp(why) => Err(e.noted(&format!("not retried: {why}"))),
         }
     }
 

@@ -266,18 +266,19 @@ pub async fn pool_exists(pve: &PveClient, id: &str) -> bool {
         .is_ok_and(|v| !v.is_empty())
 }
 
-/// What the fleet commands need on the Proxmox provider. `Pool.Allocate` on the fleet's pool
+/// What the fleet commands need on the Proxmox provider; `pool`/`lock_pool` are `None` for a
+/// command over every fleet (no one pool to check). `Pool.Allocate` on the fleet's pool
 /// only when imagectl creates it (it is missing) or removes it once empty (its own
 /// `imagectl-<fleet>`, not a `--pool` an administrator made): `create_pool` checks it before it
 /// looks whether the pool exists (pve-manager `PVE/API2/Pool.pm`).
 pub fn fleet_needs(
     v: PveVersion,
-    pool: &str,
-    lock_pool: &str,
+    pool: Option<&str>,
+    lock_pool: Option<&str>,
     seed_storage: &str,
     allocate_pool: bool,
 ) -> Vec<Need> {
-    let pool_path = format!("/pool/{pool}");
+    let pool_path = pool.map(|p| format!("/pool/{p}"));
     let mut vm_privs = vec![
         "VM.Allocate",
         "VM.Clone",
@@ -287,10 +288,15 @@ pub fn fleet_needs(
         "VM.PowerMgmt",
     ];
     vm_privs.extend_from_slice(v.guest_agent_privs());
-    vec![
+    let vm_paths: Vec<&str> = pool_path
+        .iter()
+        .map(String::as_str)
+        .chain(["/vms"])
+        .collect();
+    let mut needs = vec![
         Need::new(
             &vm_privs,
-            &[&pool_path, "/vms"],
+            &vm_paths,
             "clone, start, watch and destroy the runner VMs",
         ),
         Need::new(
@@ -302,21 +308,26 @@ pub fn fleet_needs(
             &[&format!("/storage/{seed_storage}")],
             "upload and delete the per-VM seed ISOs",
         ),
-        Need::new(
+    ];
+    if let Some(p) = &pool_path {
+        needs.push(Need::new(
             if allocate_pool {
                 &["Pool.Audit", "Pool.Allocate"]
             } else {
                 &["Pool.Audit"]
             },
-            &[&pool_path],
+            &[p],
             "the fleet's pool",
-        ),
-        Need::new(
+        ));
+    }
+    if let Some(l) = lock_pool {
+        needs.push(Need::new(
             &["Pool.Allocate"],
-            &[&format!("/pool/{lock_pool}")],
+            &[&format!("/pool/{l}")],
             "the fleet lock",
-        ),
-    ]
+        ));
+    }
+    needs
 }
 
 #[cfg(test)]
